@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` runs the main job on its embedded default, `make test` the tests.
+# Both create or reuse .venv in the checkout. On a machine without an NVIDIA driver the CPU torch wheel is
+# pinned (constraints-cpu.txt); with one, pip resolves the CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+DEMO_DIR := artifacts/demo-corpus
+export RAY_DATA_DISABLE_PROGRESS_BARS ?= 0
+
+.PHONY: install espeak demo test clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[demo,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q espeak-ng >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null); \
+	  else sudo -n apt-get install -y -q espeak-ng >/dev/null; fi; } || { echo "install espeak-ng (Debian: apt-get install espeak-ng)"; exit 1; }
+
+$(DEMO_DIR)/README.md: | install espeak
+	$(PY) -m whisper_lora.cli demo-corpus --out $(DEMO_DIR) --languages mr,hi,ta,te,kn,ml
+
+demo: install espeak $(DEMO_DIR)/README.md
+	$(PY) ray_jobs/prepare_data.py --config ray_jobs/configs/demo.yaml
+
+test: install espeak
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q
+	$(PY) -m ruff check whisper_lora ray_jobs tests benchmarks
+
+clean:
+	rm -rf artifacts .pytest_cache

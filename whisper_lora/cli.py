@@ -1,0 +1,75 @@
+"""``whisper-lora``: one command per stage; every stage takes ``--config CFG`` and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from whisper_lora.config import ConfigError, explain, load_config
+from whisper_lora.data.sources import SourceError
+from whisper_lora.models.resolve import ModelNotFound
+
+
+def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="YAML run config (see `whisper-lora config`)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.languages=mr,hi")
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from whisper_lora.prepare import prepare, prepared_dir
+
+    config = load_config(args.config, args.overrides)
+    stats = prepare(config)
+    print(json.dumps({"prepared": str(prepared_dir(config)), **stats["total"]}, indent=2, ensure_ascii=False))
+
+
+def _config(args: argparse.Namespace) -> None:
+    if args.config or args.overrides:
+        print(load_config(args.config, args.overrides).model_dump_json(indent=2))
+    else:
+        print("\n".join(explain()))
+
+
+def _demo_corpus(args: argparse.Namespace) -> None:
+    from whisper_lora.demo.corpus import build_corpus
+
+    summary = build_corpus(args.out, [code.strip() for code in args.languages.split(",")], args.per_split, args.seed)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whisper-lora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _with_config(
+        commands.add_parser("prepare", help="run the audio pipeline, write Parquet + stats.json")
+    ).set_defaults(run=_prepare)
+    _with_config(commands.add_parser("config", help="print the validated config, or every field's documentation"))
+    commands.choices["config"].set_defaults(run=_config)
+    corpus = commands.add_parser("demo-corpus", help="write the espeak-ng demo corpus (Common Voice layout)")
+    corpus.add_argument("--out", required=True, help="release directory to write")
+    corpus.add_argument("--languages", default="mr,hi,ta,te,kn,ml", help="comma-separated codes")
+    corpus.add_argument("--per-split", default="train=60,dev=16,test=16", help="clips per split and language")
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.set_defaults(run=_demo_corpus)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.run(args)
+    except (ConfigError, SourceError, ModelNotFound) as exc:
+        print(f"whisper-lora: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

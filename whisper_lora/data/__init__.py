@@ -1,0 +1,1 @@
+"""The audio pipeline: sources → audio → features, streamed through Ray Data."""

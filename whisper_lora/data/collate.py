@@ -1,0 +1,34 @@
+"""Batches for the model: stacked log-mel features, decoder inputs, and labels padded with -100.
+
+Label ids hold the whole sequence ``<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|> text
+<|endoftext|>``. The decoder reads it without its last token and predicts it without its first, so every
+prompt token after ``<|startoftranscript|>`` is a target: the language and task tokens are learned too.
+Padding is ignored by the loss (-100) and is the end token in the decoder input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+PAD_TOKEN_ID = 50257
+
+
+def collate(batch: dict[str, np.ndarray], pad_token_id: int = PAD_TOKEN_ID) -> dict[str, torch.Tensor]:
+    """``input_features`` (B, mels, frames), ``decoder_input_ids`` and ``labels`` (B, longest - 1)."""
+    sequences: Sequence[np.ndarray] = [np.asarray(ids, dtype=np.int64) for ids in batch["label_ids"]]
+    width = max(len(ids) for ids in sequences) - 1
+    decoder_input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        tokens = torch.from_numpy(ids)
+        decoder_input_ids[row, : len(ids) - 1] = tokens[:-1]
+        labels[row, : len(ids) - 1] = tokens[1:]
+    return {
+        "input_features": torch.as_tensor(np.asarray(batch["input_features"]), dtype=torch.float32),
+        "decoder_input_ids": decoder_input_ids,
+        "labels": labels,
+    }

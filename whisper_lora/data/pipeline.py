@@ -1,0 +1,89 @@
+"""The streaming feature pipeline: source rows → decoded 16 kHz audio → log-mel + label ids, bad rows counted.
+
+``featurize`` returns a lazy ``ray.data.Dataset``; nothing runs until it is consumed (written by ``prepare``,
+or streamed into Ray Train). Drop counts arrive in the ``StatsCollector`` as the batches are processed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data.extensions import ArrowTensorArray
+
+from whisper_lora.config import DataConfig
+from whisper_lora.data.features import Limits, RowDropped, cached_featurizer
+from whisper_lora.data.sources import read_source
+from whisper_lora.data.stats import BatchStats, GroupStats, batch_key
+
+KEEP_DROPPED_EXAMPLES = 5
+"""Row ids kept per drop reason and batch, so ``stats.json`` shows which files to look at."""
+
+
+def limits_of(data: DataConfig) -> Limits:
+    return Limits(data.min_duration_s, data.max_duration_s, data.max_label_tokens)
+
+
+def featurize_batch(
+    batch: dict[str, np.ndarray], model_dir: str, limits: Limits, collector: ray.actor.ActorHandle
+) -> pa.Table:
+    """Model inputs for the usable rows of ``batch``; every other row is counted under its drop reason."""
+    featurizer = cached_featurizer(model_dir, limits)
+    stats: BatchStats = {}
+    kept: dict[str, list] = {name: [] for name in ("id", "language", "split", "sentence", "duration_s", "label_ids")}
+    features = []
+    for i, row_id in enumerate(batch["id"]):
+        language, split = str(batch["language"][i]), str(batch["split"][i])
+        group = stats.setdefault((language, split), GroupStats())
+        group.rows_in += 1
+        audio = batch["audio_bytes"][i] or batch["audio_path"][i]
+        try:
+            example = featurizer.example(audio or "", str(batch["sentence"][i] or ""), language)
+        except RowDropped as dropped:
+            group.audio_seconds_in += dropped.duration_s
+            group.dropped[dropped.reason] += 1
+            examples = group.dropped_examples.setdefault(dropped.reason, [])
+            if len(examples) < KEEP_DROPPED_EXAMPLES:
+                examples.append(str(row_id))
+            continue
+        group.rows_out += 1
+        group.audio_seconds_in += example.duration_s
+        group.audio_seconds_out += example.duration_s
+        for name, value in (
+            ("id", str(row_id)),
+            ("language", language),
+            ("split", split),
+            ("sentence", example.sentence),
+            ("duration_s", example.duration_s),
+            ("label_ids", example.label_ids),
+        ):
+            kept[name].append(value)
+        features.append(example.input_features)
+    ray.get(collector.add.remote(batch_key(str(row_id) for row_id in batch["id"]), stats))
+    n_mels = featurizer.extractor.feature_size
+    frames = featurizer.extractor.nb_max_frames
+    stacked = np.stack(features) if features else np.zeros((0, n_mels, frames), dtype=np.float32)
+    return pa.table(
+        {
+            "id": pa.array(kept["id"], pa.string()),
+            "language": pa.array(kept["language"], pa.string()),
+            "split": pa.array(kept["split"], pa.string()),
+            "sentence": pa.array(kept["sentence"], pa.string()),
+            "duration_s": pa.array(kept["duration_s"], pa.float32()),
+            "label_ids": pa.array([ids.tolist() for ids in kept["label_ids"]], pa.list_(pa.int32())),
+            "input_features": ArrowTensorArray.from_numpy(stacked),
+        }
+    )
+
+
+def featurize(
+    data: DataConfig, model_dir: str, splits: list[str], collector: ray.actor.ActorHandle
+) -> ray.data.Dataset:
+    """The lazy dataset of model inputs for ``splits`` of every configured language."""
+    return read_source(data, splits).map_batches(
+        featurize_batch,
+        batch_size=data.batch_size,
+        batch_format="numpy",
+        fn_kwargs={"model_dir": model_dir, "limits": limits_of(data), "collector": collector},
+    )

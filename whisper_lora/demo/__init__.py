@@ -1,0 +1,1 @@
+"""The offline demo corpus: real sentences, spoken by espeak-ng, in Common Voice layout."""

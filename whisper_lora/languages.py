@@ -1,0 +1,75 @@
+"""The language registry: script, primary metric and espeak-ng voice of each language we tune for.
+
+Any language Whisper knows can be trained; the six registered here carry the facts the product relies on:
+which Unicode script their text is written in (to filter sentences and to know the script has no case),
+and which error rate ranks their adapters. Dravidian languages are agglutinative: one long word carries what
+English spreads over several, so a single wrong suffix makes the whole word wrong and WER overstates the
+damage. CER ranks them; WER is reported alongside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers.models.whisper.tokenization_whisper import LANGUAGES as WHISPER_LANGUAGES
+
+Metric = Literal["wer", "cer"]
+
+SCRIPT_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
+    "Devanagari": ((0x0900, 0x097F), (0xA8E0, 0xA8FF)),
+    "Tamil": ((0x0B80, 0x0BFF),),
+    "Telugu": ((0x0C00, 0x0C7F),),
+    "Kannada": ((0x0C80, 0x0CFF),),
+    "Malayalam": ((0x0D00, 0x0D7F),),
+}
+
+
+@dataclass(frozen=True)
+class Language:
+    """What the product knows about one language."""
+
+    code: str
+    """Whisper's language code, e.g. ``"mr"``; the decoder prompt uses ``<|code|>``."""
+    name: str
+    """Whisper's English name, e.g. ``"marathi"``."""
+    script: str | None
+    """Unicode script of its text (a key of ``SCRIPT_RANGES``), ``None`` when not registered."""
+    primary_metric: Metric
+    """The error rate that selects adapters: ``"wer"``, or ``"cer"`` where WER is not meaningful."""
+    espeak_voice: str | None
+    """espeak-ng voice that speaks it (the demo corpus), ``None`` when not registered."""
+
+    @property
+    def has_case(self) -> bool:
+        """Indic scripts have no letter case; lower-casing is a no-op there but matters for Latin scripts."""
+        return self.script not in SCRIPT_RANGES
+
+    def in_script(self, char: str) -> bool:
+        """True when ``char`` belongs to this language's script block(s)."""
+        if self.script is None:
+            raise ValueError(f"language {self.code!r} has no registered script")
+        point = ord(char)
+        return any(low <= point <= high for low, high in SCRIPT_RANGES[self.script])
+
+
+REGISTERED: dict[str, Language] = {
+    lang.code: lang
+    for lang in (
+        Language("mr", "marathi", "Devanagari", "wer", "mr"),
+        Language("hi", "hindi", "Devanagari", "wer", "hi"),
+        Language("ta", "tamil", "Tamil", "cer", "ta"),
+        Language("te", "telugu", "Telugu", "cer", "te"),
+        Language("kn", "kannada", "Kannada", "cer", "kn"),
+        Language("ml", "malayalam", "Malayalam", "cer", "ml"),
+    )
+}
+
+
+def get_language(code: str) -> Language:
+    """The registered language for ``code``, or a plain WER-ranked entry for any other Whisper language."""
+    if code in REGISTERED:
+        return REGISTERED[code]
+    if code in WHISPER_LANGUAGES:
+        return Language(code, WHISPER_LANGUAGES[code], None, "wer", None)
+    raise ValueError(f"unknown language code {code!r}: use one of Whisper's codes, e.g. {', '.join(REGISTERED)}")

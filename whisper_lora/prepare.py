@@ -1,0 +1,53 @@
+"""``whisper-lora prepare``: run the feature pipeline once and write Parquet shards plus ``stats.json``.
+
+Prepared shards are what training reads: decoding and log-mel are paid once per corpus, not once per trial.
+Layout: ``<run_dir>/prepared/language=<code>/split=<name>/*.parquet`` (Hive partitions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import ray
+
+from whisper_lora.config import RunConfig
+from whisper_lora.data.pipeline import featurize
+from whisper_lora.data.stats import StatsCollector
+from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.ray_runtime import init_ray
+
+log = logging.getLogger(__name__)
+
+
+def prepared_dir(config: RunConfig) -> Path:
+    return config.run_dir / "prepared"
+
+
+def prepare(config: RunConfig) -> dict:
+    """Featurize train/eval/test splits of every configured language; returns what ``stats.json`` holds."""
+    model = resolve_base_model(config.model.base, config.model.cache_dir)
+    init_ray(config.ray)
+    splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split, config.data.test_split]))
+    out = prepared_dir(config)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    collector = StatsCollector.remote()
+    started = time.perf_counter()
+    dataset = featurize(config.data, model.path, splits, collector)
+    dataset.write_parquet(str(staging.resolve()), partition_cols=["language", "split"])
+    elapsed = time.perf_counter() - started
+    stats = ray.get(collector.summary.remote())
+    stats["wall_seconds"] = round(elapsed, 2)
+    stats["audio_seconds_per_second"] = round(stats["total"]["audio_seconds_in"] / elapsed, 2)
+    stats["model"] = {"path": model.path, "spec": model.spec, "sha256": model.sha256}
+    (staging / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    log.info(
+        "prepared %d of %d rows in %.1f s → %s", stats["total"]["rows_out"], stats["total"]["rows_in"], elapsed, out
+    )
+    return stats
