@@ -3,7 +3,7 @@ import pytest
 
 from tests.conftest import write_clip
 from whisper_lora.data.collate import IGNORE_INDEX, collate
-from whisper_lora.data.features import Featurizer, Limits, RowDropped
+from whisper_lora.data.features import Featurizer, Limits, RowDropped, pad_log_mel
 from whisper_lora.languages import REGISTERED
 
 LANGUAGE_TOKEN_IDS = {"mr": 50320, "hi": 50276, "ta": 50287, "te": 50299, "kn": 50306, "ml": 50296}
@@ -16,10 +16,26 @@ def featurizer(tiny_model_dir):
 
 def test_features_have_the_models_shape(featurizer, tmp_path):
     example = featurizer.example(str(write_clip(tmp_path / "a.mp3", 3.0)), " यह एक वाक्य है ", "hi")
-    assert example.input_features.shape == (80, 3000)
+    assert example.input_features.shape == (80, 302)
     assert example.input_features.dtype == np.float32
+    assert pad_log_mel(example.input_features).shape == (80, 3000)
     assert example.duration_s == pytest.approx(3.0, abs=0.05)
     assert example.sentence == "यह एक वाक्य है"
+
+
+@pytest.mark.parametrize("samples", [100, 1600, 64_037, 192_000, 479_900, 480_000])
+def test_trimmed_log_mel_padded_equals_whispers_feature_extractor(featurizer, samples):
+    audio = (0.1 * np.random.default_rng(samples).standard_normal(samples)).astype(np.float32)
+    reference = featurizer.extractor(audio, sampling_rate=16_000, return_tensors="np").input_features[0]
+    trimmed = featurizer.log_mel(audio)
+    assert trimmed.shape[1] == min(3000, -(-(samples + 200) // 160))
+    np.testing.assert_allclose(pad_log_mel(trimmed), reference, atol=1e-6)
+
+
+def test_silence_pads_like_whisper(featurizer):
+    silence = np.zeros(16_000, dtype=np.float32)
+    reference = featurizer.extractor(silence, sampling_rate=16_000, return_tensors="np").input_features[0]
+    np.testing.assert_array_equal(pad_log_mel(featurizer.log_mel(silence)), reference)
 
 
 @pytest.mark.parametrize("code", sorted(REGISTERED))
@@ -53,7 +69,7 @@ def test_unusable_rows_raise_row_dropped(featurizer, tmp_path, seconds, sentence
 
 def test_collation_shifts_labels_and_masks_padding():
     batch = {
-        "input_features": np.zeros((2, 80, 3000), dtype=np.float32),
+        "input_features": [np.zeros((80, 120), dtype=np.float32), np.ones((80, 3000), dtype=np.float32)],
         "label_ids": [
             np.array([50258, 50276, 50359, 50363, 10, 11, 50257]),
             np.array([50258, 50276, 50359, 50363, 50257]),
@@ -61,6 +77,7 @@ def test_collation_shifts_labels_and_masks_padding():
     }
     out = collate(batch)
     assert out["input_features"].shape == (2, 80, 3000)
+    assert out["input_features"][0, 0, -1] == -1.5 and out["input_features"][1, 0, -1] == 1.0
     assert out["decoder_input_ids"].tolist() == [
         [50258, 50276, 50359, 50363, 10, 11],
         [50258, 50276, 50359, 50363, 50257, 50257],

@@ -84,7 +84,7 @@ def test_common_voice_rows_are_featurized_and_bad_rows_counted(ray_local, tiny_m
     assert train["audio_seconds_out"] == pytest.approx(2 + 2 + 1.5 + 1.5, abs=0.05)
     assert train["audio_seconds_in"] > 45
     assert stats["total"]["rows_out"] == 6
-    assert all(row["input_features"].shape == (80, 3000) for row in rows)
+    assert all(row["input_features"].shape[0] == 80 and row["input_features"].shape[1] <= 322 for row in rows)
     assert all(list(row["label_ids"][:4]) == [50258, 50276, 50359, 50363] for row in rows)
 
 

@@ -26,6 +26,13 @@ def _prepare(args: argparse.Namespace) -> None:
     print(json.dumps({"prepared": str(prepared_dir(config)), **stats["total"]}, indent=2, ensure_ascii=False))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from whisper_lora.zero_shot import zero_shot
+
+    config = load_config(args.config, args.overrides)
+    print(json.dumps(zero_shot(config, args.split), indent=2, ensure_ascii=False))
+
+
 def _config(args: argparse.Namespace) -> None:
     if args.config or args.overrides:
         print(load_config(args.config, args.overrides).model_dump_json(indent=2))
@@ -47,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(
         commands.add_parser("prepare", help="run the audio pipeline, write Parquet + stats.json")
     ).set_defaults(run=_prepare)
+    evaluate = _with_config(commands.add_parser("zero-shot", help="score the base model on prepared data"))
+    evaluate.add_argument("--split", default=None, help="split to score (default: data.test_split)")
+    evaluate.set_defaults(run=_evaluate)
     _with_config(commands.add_parser("config", help="print the validated config, or every field's documentation"))
     commands.choices["config"].set_defaults(run=_config)
     corpus = commands.add_parser("demo-corpus", help="write the espeak-ng demo corpus (Common Voice layout)")

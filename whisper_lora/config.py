@@ -114,6 +114,13 @@ class DataConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    batch_size: int = Field(8, ge=1, description="Utterances per greedy-decoding batch.")
+    max_utterances: int | None = Field(
+        None, ge=1, description="Score at most this many utterances per language and split; null scores all."
+    )
+
+
 class RayConfig(_Section):
     address: str | None = Field(
         None, description="Ray cluster address ('auto' inside a ray job); null starts a local instance."
@@ -134,6 +141,7 @@ class RunConfig(_Section):
     output_dir: Path = Field(Path("artifacts/runs"), description="Local directory for prepared data and reports.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     data: DataConfig = Field(..., description="Sources, languages and filters of the audio pipeline.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="How adapters and base models are scored.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
 
     @property

@@ -3,7 +3,8 @@
 Label ids hold the whole sequence ``<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|> text
 <|endoftext|>``. The decoder reads it without its last token and predicts it without its first, so every
 prompt token after ``<|startoftranscript|>`` is a target: the language and task tokens are learned too.
-Padding is ignored by the loss (-100) and is the end token in the decoder input.
+Padding is ignored by the loss (-100) and is the end token in the decoder input. Trimmed log-mel features
+are padded back to Whisper's 30-s window.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from whisper_lora.data.features import pad_log_mel
+
 IGNORE_INDEX = -100
+WHISPER_FRAMES = 3000
 PAD_TOKEN_ID = 50257
 
 
-def collate(batch: dict[str, np.ndarray], pad_token_id: int = PAD_TOKEN_ID) -> dict[str, torch.Tensor]:
-    """``input_features`` (B, mels, frames), ``decoder_input_ids`` and ``labels`` (B, longest - 1)."""
+def collate(
+    batch: dict[str, np.ndarray], pad_token_id: int = PAD_TOKEN_ID, frames: int = WHISPER_FRAMES
+) -> dict[str, torch.Tensor]:
+    """``input_features`` (B, mels, 3000), ``decoder_input_ids`` and ``labels`` (B, longest - 1)."""
     sequences: Sequence[np.ndarray] = [np.asarray(ids, dtype=np.int64) for ids in batch["label_ids"]]
     width = max(len(ids) for ids in sequences) - 1
     decoder_input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -27,8 +33,9 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int = PAD_TOKEN_ID) -> d
         tokens = torch.from_numpy(ids)
         decoder_input_ids[row, : len(ids) - 1] = tokens[:-1]
         labels[row, : len(ids) - 1] = tokens[1:]
+    features = np.stack([pad_log_mel(np.asarray(f, dtype=np.float32), frames) for f in batch["input_features"]])
     return {
-        "input_features": torch.as_tensor(np.asarray(batch["input_features"]), dtype=torch.float32),
+        "input_features": torch.from_numpy(features),
         "decoder_input_ids": decoder_input_ids,
         "labels": labels,
     }

@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
 from whisper_lora.data.audio import SAMPLE_RATE, AudioError, load_audio
@@ -38,7 +39,8 @@ class Example:
     """One usable row, ready for the model."""
 
     input_features: np.ndarray
-    """Log-mel spectrogram, ``(num_mel_bins, 3000)`` float32: 30 s, padded."""
+    """Log-mel spectrogram, ``(num_mel_bins, frames)`` float32: only the frames the audio reaches;
+    ``pad_log_mel`` restores Whisper's padded 30-s input exactly."""
     label_ids: np.ndarray
     """``<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>`` + text tokens + ``<|endoftext|>``."""
     duration_s: float
@@ -61,6 +63,7 @@ class Featurizer:
         self.extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
         self.tokenizer = WhisperTokenizer.from_pretrained(model_dir)
         self.limits = limits
+        self._mel_filters = torch.from_numpy(self.extractor.mel_filters).float()
         self._prefixes: dict[str, list[int]] = {}
 
     def prefix_ids(self, language: str) -> list[int]:
@@ -79,9 +82,23 @@ class Featurizer:
         return np.asarray([*self.prefix_ids(language), *text_ids, self.tokenizer.eos_token_id], dtype=np.int32)
 
     def log_mel(self, audio: np.ndarray) -> np.ndarray:
-        """``(num_mel_bins, 3000)`` float32 features of up to 30 s of 16 kHz audio."""
-        features = self.extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
-        return features.astype(np.float32, copy=False)
+        """Whisper's log-mel of up to 30 s of 16 kHz audio, computed only over the frames the audio reaches.
+
+        Whisper pads every clip to 30 s; frames whose window sees only that padding all hold one value,
+        ``pad_log_mel`` puts them back. Skipping them makes a 5-s clip ~6x cheaper to featurize, store and
+        ship, and leaves every value equal to ``WhisperFeatureExtractor``'s.
+        """
+        n_fft, hop, max_frames = self.extractor.n_fft, self.extractor.hop_length, self.extractor.nb_max_frames
+        frames = min(max_frames, -(-(len(audio) + n_fft // 2) // hop))
+        length = self.extractor.n_samples if frames == max_frames else frames * hop + n_fft // 2
+        waveform = torch.zeros(length)
+        clip = torch.from_numpy(audio[:length])
+        waveform[: clip.numel()] = clip
+        stft = torch.stft(waveform, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True)
+        power = (stft[:, :frames].abs() ** 2).contiguous()
+        log_spec = torch.clamp(self._mel_filters.T @ power, min=1e-10).log10()
+        log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+        return ((log_spec + 4.0) / 4.0).numpy()
 
     def example(self, audio_source: bytes | str, sentence: str, language: str) -> Example:
         """The model inputs of one row, or ``RowDropped`` saying why the row is unusable."""
@@ -101,6 +118,19 @@ class Featurizer:
         if len(labels) > self.limits.max_label_tokens:
             raise RowDropped("labels_too_long", duration)
         return Example(self.log_mel(audio), labels, duration, sentence)
+
+
+def pad_log_mel(features: np.ndarray, frames: int = 3000) -> np.ndarray:
+    """Extend trimmed log-mel features to ``frames`` with the value Whisper's 30-s padding has.
+
+    Padding is silence: log10 of the 1e-10 floor (-10), clamped at the clip's maximum minus 8, normalised by
+    (x + 4) / 4, which is ``max(-1.5, features.max() - 2)``.
+    """
+    if features.shape[-1] >= frames:
+        return features[..., :frames]
+    padded = np.full((*features.shape[:-1], frames), max(-1.5, float(features.max()) - 2.0), dtype=np.float32)
+    padded[..., : features.shape[-1]] = features
+    return padded
 
 
 @functools.lru_cache(maxsize=4)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-from ray.data.extensions import ArrowTensorArray
+from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from whisper_lora.config import DataConfig
 from whisper_lora.data.features import Limits, RowDropped, cached_featurizer
@@ -60,10 +60,8 @@ def featurize_batch(
         ):
             kept[name].append(value)
         features.append(example.input_features)
-    ray.get(collector.add.remote(batch_key(str(row_id) for row_id in batch["id"]), stats))
-    n_mels = featurizer.extractor.feature_size
-    frames = featurizer.extractor.nb_max_frames
-    stacked = np.stack(features) if features else np.zeros((0, n_mels, frames), dtype=np.float32)
+    rows = zip(batch["language"], batch["split"], batch["id"], strict=True)
+    ray.get(collector.add.remote(batch_key(f"{lang}/{split}/{row_id}" for lang, split, row_id in rows), stats))
     return pa.table(
         {
             "id": pa.array(kept["id"], pa.string()),
@@ -72,9 +70,20 @@ def featurize_batch(
             "sentence": pa.array(kept["sentence"], pa.string()),
             "duration_s": pa.array(kept["duration_s"], pa.float32()),
             "label_ids": pa.array([ids.tolist() for ids in kept["label_ids"]], pa.list_(pa.int32())),
-            "input_features": ArrowTensorArray.from_numpy(stacked),
+            "input_features": _tensor_column(features, featurizer.extractor.feature_size),
         }
     )
+
+
+def _tensor_column(features: list[np.ndarray], n_mels: int) -> pa.Array:
+    """Variable-length (mels × frames) tensors; an empty batch still gets the column's type."""
+    if not features:
+        empty = np.empty(1, dtype=object)
+        empty[0] = np.zeros((n_mels, 1), dtype=np.float32)
+        return ArrowVariableShapedTensorArray.from_numpy(empty)[:0]
+    column = np.empty(len(features), dtype=object)
+    column[:] = features
+    return ArrowVariableShapedTensorArray.from_numpy(column)
 
 
 def featurize(

@@ -1,0 +1,38 @@
+"""Reading what ``prepare`` wrote: ``<prepared>/language=<code>/split=<name>/*.parquet``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import ray.data  # noqa: F401  (registers Ray's tensor extension type, so input_features read as tensors)
+
+COLUMNS = ["id", "sentence", "duration_s", "label_ids", "input_features"]
+
+
+def split_dir(prepared: str | Path, language: str, split: str) -> Path:
+    """Where one language's split lives."""
+    return Path(prepared) / f"language={language}" / f"split={split}"
+
+
+def iter_batches(path: str | Path, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of a prepared split in file order, read in this process (evaluation, benchmarks)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no prepared data at {path}: run `whisper-lora prepare` first")
+    remaining = limit
+    for record_batch in pads.dataset(str(path), format="parquet").to_batches(batch_size=batch_size, columns=COLUMNS):
+        if remaining is not None:
+            record_batch = record_batch.slice(0, remaining)
+            remaining -= record_batch.num_rows
+        if record_batch.num_rows:
+            yield {
+                "id": np.asarray(record_batch.column("id").to_pylist()),
+                "sentence": np.asarray(record_batch.column("sentence").to_pylist()),
+                "duration_s": record_batch.column("duration_s").to_numpy(),
+                "label_ids": [np.asarray(ids, dtype=np.int64) for ids in record_batch.column("label_ids").to_pylist()],
+                "input_features": record_batch.column("input_features").to_numpy(),
+            }
+        if remaining is not None and remaining <= 0:
+            return
