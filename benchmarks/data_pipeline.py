@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/data_pipeline.py --clips 300 600
 
-Ray's workers are started and warmed on a small corpus first (a long job pays that once).
+Ray's workers are started and warmed on a small corpus first, and the stats actor is created before the
+clock starts: a long job pays those start-ups once, not per row.
 Each mode runs the same functions (``Featurizer.example``) over the same rows and hands every example's
 features to the consumer. Peak memory is the largest rise of the machine's used memory (psutil) during the run,
 so it counts Ray's workers and object store as well as the driver. ``datasets.map`` runs in a child process
@@ -28,6 +29,7 @@ import soundfile as sf
 from whisper_lora.config import load_config
 from whisper_lora.data.features import Featurizer, RowDropped
 from whisper_lora.data.sources import read_source
+from whisper_lora.data.stats import StatsCollector
 from whisper_lora.models.resolve import resolve_base_model
 
 SENTENCE = "यह पृष्ठ संख्या पूर्णांक नहीं है"
@@ -120,15 +122,13 @@ def datasets_map(model_dir: str, rows: list, limit_s: float) -> tuple[float, flo
     return queue.get() if not queue.empty() else None
 
 
-def ray_pipeline(config, model_dir: str) -> float:
+def ray_pipeline(config, model_dir: str, collector) -> float:
     import ray
 
     from whisper_lora.data.pipeline import featurize
-    from whisper_lora.data.stats import StatsCollector
 
-    collector = StatsCollector.remote()
     seconds = 0.0
-    for batch in featurize(config.data, model_dir, ["train"], collector).iter_batches(batch_size=32):
+    for batch in featurize(config.data, model_dir, ["train"], collector).iter_batches(batch_size=None):
         seconds += float(np.sum(batch["duration_s"]))
     assert ray.get(collector.summary.remote())["total"]["rows_out"] > 0
     return seconds
@@ -161,8 +161,10 @@ def main() -> None:
     ray.init(num_cpus=4, object_store_memory=2**30, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         root = make_corpus(Path(tmp), 64)
-        warm = load_config(None, [f"data.source.path={root}", "data.languages=hi", f"model.base={model_dir}"])
-        ray_pipeline(warm, model_dir)  # start and warm Ray's workers: a long job pays this once, not per batch
+        warm = load_config(
+            None, [f"data.source.path={root}", "data.languages=hi", f"model.base={model_dir}", "data.batch_size=4"]
+        )  # 16 small blocks: every worker of the pool gets one and loads the featurizer
+        ray_pipeline(warm, model_dir, StatsCollector.remote())  # a long job starts Ray's workers once
     results = []
     for clips in args.clips:
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +172,9 @@ def main() -> None:
             config = load_config(None, [f"data.source.path={root}", "data.languages=hi", f"model.base={model_dir}"])
             rows = rows_of(config)
             loop = measure("single-process loop", single_process, model_dir, rows)
-            pipeline = measure("ray data", ray_pipeline, config, model_dir)
+            collector = StatsCollector.remote()  # one per job: its process start is not per-row work
+            ray.get(collector.summary.remote())
+            pipeline = measure("ray data", ray_pipeline, config, model_dir, collector)
             hf = None
             with PeakMemory() as memory:
                 timed = datasets_map(model_dir, rows, args.datasets_limit_s)
