@@ -19,6 +19,8 @@ from whisper_lora.languages import get_language
 from whisper_lora.metrics import error_rates
 
 GENERATION_MARGIN = 8
+PROMPT_TOKENS = 4
+"""<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>: counted in ``max_length``."""
 
 
 @torch.no_grad()
@@ -39,7 +41,7 @@ def transcribe(
         task="transcribe",
         num_beams=1,
         do_sample=False,
-        max_new_tokens=max_new_tokens,
+        max_length=min(model.config.max_target_positions, max_new_tokens + PROMPT_TOKENS),
     )
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
@@ -63,7 +65,7 @@ def evaluate(
     for batch in batches:
         longest = max(len(ids) for ids in batch["label_ids"])
         features = torch.from_numpy(np.stack([pad_log_mel(np.asarray(f)) for f in batch["input_features"]]))
-        hypotheses += transcribe(model, tokenizer, features, language, min(2 * longest + GENERATION_MARGIN, 440))
+        hypotheses += transcribe(model, tokenizer, features, language, 2 * longest + GENERATION_MARGIN)
         references += [str(sentence) for sentence in batch["sentence"]]
     model.train(was_training)
     rates = error_rates(references, hypotheses, get_language(language))
