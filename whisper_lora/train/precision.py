@@ -2,7 +2,7 @@
 
 - CPU: fp32. bitsandbytes' int8 runs there (the tests use it) but is slower and larger than fp32
   (whisper-base LoRA: 5.8-11 s/step and 3.4 GiB vs 3.5 s and 2.2 GiB), and fp16 autocast is not a CPU path.
-- GPU under ``INT8_BELOW_GIB`` of memory: int8 weights (bitsandbytes) make large-v2 fit a 16 GiB card.
+- GPU under ``INT8_BELOW_GIB`` of memory: int8 weights (bitsandbytes) make large-v2 LoRA fit a 16 GiB card.
 - Larger GPU: bf16 where the card supports it (int8 matmuls are several times slower), else fp16 with
   loss scaling.
 """
@@ -16,7 +16,8 @@ import torch
 
 Precision = Literal["int8", "bf16", "fp16", "fp32"]
 Requested = Literal["auto", "int8", "bf16", "fp16", "fp32"]
-INT8_BELOW_GIB = 30.0
+INT8_BELOW_GIB = 20.0
+"""16-GiB-class cards (T4, V100-16) need int8 for large-v2 LoRA; 24 GiB (A10G, L4) fits bf16 with checkpointing."""
 
 
 @dataclass(frozen=True)
@@ -74,5 +75,7 @@ def choose_precision(requested: Requested, device: Device) -> PrecisionChoice:
             "int8", f"GPU with {device.memory_gib:.0f} GiB < {INT8_BELOW_GIB:.0f} GiB: int8 weights to fit memory"
         )
     if device.bf16:
-        return PrecisionChoice("bf16", f"GPU with {device.memory_gib:.0f} GiB and bf16: fastest (int8 matmuls are slower)")
+        return PrecisionChoice(
+            "bf16", f"GPU with {device.memory_gib:.0f} GiB and bf16: fastest (int8 matmuls are slower)"
+        )
     return PrecisionChoice("fp16", f"GPU with {device.memory_gib:.0f} GiB, no bf16: fp16 with loss scaling")
