@@ -28,7 +28,7 @@ $(DEMO_DIR)/README.md: | install espeak
 
 demo: install espeak $(DEMO_DIR)/README.md
 	$(PY) ray_jobs/prepare_data.py --config ray_jobs/configs/demo.yaml
-	$(PY) -m whisper_lora.cli zero-shot --config ray_jobs/configs/demo.yaml
+	$(PY) -m whisper_lora.cli evaluate --config ray_jobs/configs/demo.yaml
 
 test: install espeak
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q

@@ -33,6 +33,7 @@ def ct2_files() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, ct2_files) -> str:
     """A random-weights Whisper small enough to train a step in ~0.15 s, with the real tokenizer."""
+    import torch
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from whisper_lora.models.ctranslate2 import build_tokenizer, generation_config
@@ -53,6 +54,10 @@ def tiny_model_dir(tmp_path_factory, ct2_files) -> str:
     )
     out = tmp_path_factory.mktemp("tiny-whisper")
     model = WhisperForConditionalGeneration(config)
+    # Default init (std 0.02) leaves every logit near zero whatever the hidden state; a trained model's
+    # embeddings are larger. At std 0.2 a few LoRA steps can make the right token win, as on real weights.
+    torch.manual_seed(0)
+    model.model.decoder.embed_tokens.weight.data.normal_(0.0, 0.2)
     tokenizer = build_tokenizer(ct2_files["tokenizer.json"])
     model.generation_config = generation_config(config, tokenizer, ct2_config)
     model.save_pretrained(out)

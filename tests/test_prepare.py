@@ -1,4 +1,4 @@
-"""``whisper-lora prepare`` and ``zero-shot`` through the CLI, on a tiny model and a tiny release."""
+"""``whisper-lora prepare`` and ``evaluate`` (zero-shot) through the CLI, on a tiny model and a tiny release."""
 
 import json
 
@@ -41,8 +41,8 @@ def test_prepare_writes_partitions_and_stats_then_zero_shot_scores(ray_local, ti
     assert [f.shape for f in batches[0]["input_features"]] == [(80, 102), (80, 122)]
     assert list(iter_batches(split_dir(prepared, "hi", "train"), batch_size=2, limit=3))[-1]["id"].size == 1
 
-    assert main(["zero-shot", *overrides, "eval.batch_size=2"]) == 0
-    scores = json.loads((tmp_path / "runs" / "t" / "zero_shot_test.json").read_text())
+    assert main(["evaluate", *overrides, "eval.batch_size=2"]) == 0
+    scores = json.loads((tmp_path / "runs" / "t" / "scores_test_zero-shot.json").read_text())
     assert scores["languages"]["hi"]["utterances"] == 3
     assert scores["languages"]["hi"]["wer"] >= 0.0 and len(scores["languages"]["hi"]["samples"]) == 3
 

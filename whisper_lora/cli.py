@@ -27,10 +27,23 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from whisper_lora.zero_shot import zero_shot
+    from whisper_lora.score import score
 
     config = load_config(args.config, args.overrides)
-    print(json.dumps(zero_shot(config, args.split), indent=2, ensure_ascii=False))
+    print(json.dumps(score(config, args.split, args.adapter), indent=2, ensure_ascii=False))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from whisper_lora.ray_runtime import init_ray
+    from whisper_lora.train.trainer import train_language
+
+    config = load_config(args.config, args.overrides)
+    init_ray(config.ray)
+    outcome = train_language(config)
+    summary = {key: value for key, value in asdict(outcome).items() if key != "reported"}
+    print(json.dumps({"adapter": outcome.adapter_dir, **summary}, indent=2, ensure_ascii=False, default=str))
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -54,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(
         commands.add_parser("prepare", help="run the audio pipeline, write Parquet + stats.json")
     ).set_defaults(run=_prepare)
-    evaluate = _with_config(commands.add_parser("zero-shot", help="score the base model on prepared data"))
+    _with_config(commands.add_parser("train", help="train one language's adapter with Ray Train")).set_defaults(
+        run=_train
+    )
+    evaluate = _with_config(commands.add_parser("evaluate", help="score the base model (or base + adapter)"))
     evaluate.add_argument("--split", default=None, help="split to score (default: data.test_split)")
+    evaluate.add_argument("--adapter", default=None, help="peft adapter directory; omit for zero-shot")
     evaluate.set_defaults(run=_evaluate)
     _with_config(commands.add_parser("config", help="print the validated config, or every field's documentation"))
     commands.choices["config"].set_defaults(run=_config)

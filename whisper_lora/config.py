@@ -116,6 +116,55 @@ class DataConfig(_Section):
         return self
 
 
+class LoraConfigSection(_Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: int | None = Field(None, ge=1, description="LoRA alpha; null uses 2 × rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "v_proj"], description="Modules that get adapters: names, or 'all-linear'."
+    )
+
+
+class TrainConfig(_Section):
+    language: str | None = Field(
+        None, description="Language of a single-language run (`whisper-lora train`); null uses data.languages[0]."
+    )
+    mode: Literal["lora", "full"] = Field("lora", description="lora: adapters only; full: every weight trains.")
+    precision: Literal["auto", "int8", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: fp32 on CPU, int8 on GPUs under 20 GiB, else bf16 (fp16 without bf16)."
+    )
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection, description="Adapter shape.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate after linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps; then linear decay to 0 at max_steps.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps of the run: the plan a resumed run also meets.")
+    batch_size: int = Field(4, ge=1, description="Utterances per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Also evaluate (and checkpoint) every N steps, besides every epoch end."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); one GPU each on a GPU cluster.")
+    use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs reserved per worker; 0.5 leaves Ray Data room on small machines."
+    )
+    materialize_fraction: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description=(
+            "Hold the prepared train split in Ray's object store when it needs at most this fraction of it: "
+            "re-reading Parquet costs seconds per epoch, which dominates small low-resource corpora. 0 streams always."
+        ),
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="Best checkpoints (by primary metric) kept per run.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+    storage_path: Path = Field(Path("artifacts/ray_results"), description="Where Ray Train keeps checkpoints.")
+    seed: int = Field(0, description="Seed for weights of new adapters and for data order.")
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Utterances per greedy-decoding batch.")
     max_utterances: int | None = Field(
@@ -143,8 +192,15 @@ class RunConfig(_Section):
     output_dir: Path = Field(Path("artifacts/runs"), description="Local directory for prepared data and reports.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     data: DataConfig = Field(..., description="Sources, languages and filters of the audio pipeline.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The Ray Train stage.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="How adapters and base models are scored.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+
+    @model_validator(mode="after")
+    def _train_language_configured(self) -> RunConfig:
+        if self.train.language is not None and self.train.language not in self.data.languages:
+            raise ValueError(f"train.language {self.train.language!r} is not in data.languages {self.data.languages}")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,119 @@
+"""LoRA step time: the Ray Train worker loop vs the same model in a plain PyTorch loop, and int8 vs fp32.
+
+    .venv/bin/python benchmarks/train_step.py --config ray_jobs/configs/demo.yaml --steps 8
+
+Needs prepared data (``make demo`` or ``whisper-lora prepare``). Plain loops run in this process on one
+repeated batch; the Ray Train loop runs one CPU worker over the prepared split and reports its own
+samples/s, which counts data loading but not evaluation. Peak memory: RSS high-water mark of the process
+that trains (each plain mode runs in a fresh child process so the marks do not mix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import time
+
+import torch
+
+from whisper_lora.config import load_config
+from whisper_lora.data.collate import collate
+from whisper_lora.data.prepared import iter_batches, split_dir
+from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.prepare import prepared_dir
+from whisper_lora.train.model import LoraSettings, count_parameters, load_for_training
+from whisper_lora.train.precision import Device, choose_precision
+
+
+def plain_loop(base_path: str, train_dir: str, precision: str, batch_size: int, steps: int, queue) -> None:
+    torch.manual_seed(0)
+    choice = choose_precision(precision, Device("cpu"))
+    model = load_for_training(base_path, choice, torch.device("cpu"), "lora", LoraSettings(), True)
+    batch = collate(next(iter_batches(train_dir, batch_size)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    step = sum(times[1:]) / steps  # the first step pays one-off allocations
+    queue.put(
+        {
+            "mode": f"plain {precision}",
+            "step_s": round(step, 2),
+            "samples_per_s": round(batch_size / step, 3),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "trainable": count_parameters(model).trainable,
+        }
+    )
+
+
+def in_child(*args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=plain_loop, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def ray_loop(config) -> dict:
+    from whisper_lora.ray_runtime import init_ray
+    from whisper_lora.train.trainer import train_language
+
+    init_ray(config.ray)
+    outcome = train_language(config)
+    metrics = outcome.final_metrics
+    return {
+        "mode": "ray train fp32 (1 worker)",
+        "step_s": round(config.train.batch_size / metrics["samples_per_second"], 2),
+        "samples_per_s": round(metrics["samples_per_second"], 3),
+        "peak_rss_gib": round(metrics["peak_memory_bytes"] / 2**30, 2),
+        "trainable": metrics["trainable_parameters"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="ray_jobs/configs/demo.yaml")
+    parser.add_argument("--language", default="hi")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    config = load_config(
+        args.config,
+        [
+            f"train.language={args.language}",
+            f"train.batch_size={args.batch_size}",
+            f"train.max_steps={args.steps}",
+            "train.num_workers=1",
+            "train.precision=fp32",
+            "train.warmup_steps=0",
+            "eval.max_utterances=2",
+            f"train.eval_every_steps={args.steps}",
+            "experiment=" + load_config(args.config).experiment,
+        ],
+    )
+    base = resolve_base_model(config.model.base, config.model.cache_dir).path
+    train_dir = str(split_dir(prepared_dir(config), args.language, config.data.train_split))
+    results = [in_child(base, train_dir, precision, args.batch_size, args.steps) for precision in ("fp32", "int8")]
+    results.append(ray_loop(config))
+    for result in results:
+        print(json.dumps(result))
+    plain, ray_result = results[0], results[2]
+    print(f"Ray Train overhead vs plain fp32 loop: {ray_result['step_s'] / plain['step_s'] - 1:+.1%} step time")
+    print(
+        f"int8 / fp32 plain: step time {results[1]['step_s'] / plain['step_s']:.2f}x, "
+        f"peak RSS {results[1]['peak_rss_gib'] / plain['peak_rss_gib']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Train one language's LoRA adapter with Ray Train and print where the best adapter is.
+
+    ray job submit --working-dir . -- python ray_jobs/train_language.py --config ray_jobs/configs/demo.yaml \
+        train.language=hi train.lora.rank=32
+
+Needs the prepared data of the same config (``ray_jobs/prepare_data.py``). Recipe only: the components in
+``whisper_lora.train`` hold the logic.
+"""
+
+import sys
+
+from whisper_lora.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,101 @@
+"""Training checkpoints: the adapter (a plain peft directory) plus the state to resume — never the base weights.
+
+Everything is safetensors or JSON: nothing is unpickled from shared storage. Layout::
+
+    adapter/adapter_model.safetensors, adapter/adapter_config.json   (peft save_pretrained)
+    model.safetensors                                                (full mode: every weight instead)
+    optimizer.safetensors                                            (per-parameter moments)
+    trainer_state.json                                               (step, epoch position, schedule, scaler)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+ADAPTER_DIR = "adapter"
+FULL_WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "trainer_state.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    progress: dict,
+) -> Path:
+    """Write a resumable checkpoint into ``directory``; ``progress`` holds step and epoch position."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    inner = unwrap(model)
+    if isinstance(inner, PeftModel):
+        inner.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
+    else:
+        save_file({k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}, directory / FULL_WEIGHTS)
+    tensors, optimizer_rest = _optimizer_tensors(optimizer)
+    save_file(tensors, directory / OPTIMIZER)
+    state = {
+        "progress": progress,
+        "optimizer": optimizer_rest,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    (directory / STATE).write_text(json.dumps(state, indent=2))
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> dict:
+    """Restore weights and training state from ``directory``; returns the saved ``progress``."""
+    directory = Path(directory)
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    if isinstance(inner, PeftModel):
+        set_peft_model_state_dict(inner, load_file(directory / ADAPTER_DIR / "adapter_model.safetensors", device="cpu"))
+    else:
+        inner.load_state_dict(load_file(directory / FULL_WEIGHTS, device="cpu"))
+    state = json.loads((directory / STATE).read_text())
+    tensors = load_file(directory / OPTIMIZER, device=str(device))
+    per_param: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *state["optimizer"]["scalars"].items()]:
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    return state["progress"]
+
+
+def adapter_parameter_bytes(directory: str | Path) -> int:
+    """Bytes of the saved adapter weights (the checkpoint's model part)."""
+    return (Path(directory) / ADAPTER_DIR / "adapter_model.safetensors").stat().st_size

@@ -1,0 +1,210 @@
+"""The Ray Train worker: one plain loop, run by ``TorchTrainer`` on every worker.
+
+Resuming is exact: a checkpoint records the optimizer step and how many micro-batches of the current epoch
+were consumed, and a restarted worker group skips those before it trains again. The run always ends after
+``max_steps`` optimizer steps, however often it restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import ray.train
+import ray.train.torch
+import torch
+from transformers import WhisperTokenizer, get_linear_schedule_with_warmup
+
+from whisper_lora.data.collate import collate
+from whisper_lora.data.prepared import iter_batches
+from whisper_lora.evaluate import evaluate
+from whisper_lora.train.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from whisper_lora.train.model import LoraSettings, Mode, count_parameters, load_for_training
+from whisper_lora.train.precision import Device, choose_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerPlan:
+    """Everything a worker needs, decided on the driver (plain values: it crosses process boundaries)."""
+
+    base_path: str
+    language: str
+    micro_batches_per_epoch: int
+    """Micro-batches each worker takes from its shard per epoch: equal on every worker, so DDP never waits."""
+    eval_dir: str
+    """Prepared eval split (a path every worker can read: local, NFS or s3://)."""
+    mode: Mode = "lora"
+    precision: str = "auto"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    eval_every_steps: int | None = None
+    eval_batch_size: int = 8
+    eval_max_utterances: int | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> WorkerPlan:
+        lora = values["lora"]
+        return cls(**{**values, "lora": LoraSettings(**{**lora, "target_modules": _modules(lora["target_modules"])})})
+
+
+def _modules(value: list[str] | tuple[str, ...] | str) -> tuple[str, ...] | str:
+    return value if isinstance(value, str) else tuple(value)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _evaluate_on_rank0(model: torch.nn.Module, tokenizer: WhisperTokenizer, plan: WorkerPlan) -> dict:
+    """Score on the whole eval split, read straight from the prepared Parquet (small; no Ray Data round)."""
+    inner = unwrap(model)
+    inner.config.use_cache = True
+    batches = iter_batches(plan.eval_dir, plan.eval_batch_size, plan.eval_max_utterances)
+    scores = evaluate(inner, tokenizer, batches, plan.language, keep_samples=3)
+    inner.config.use_cache = False
+    return scores
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Train ``plan.max_steps`` optimizer steps, evaluating and checkpointing at epoch ends (and every N steps)."""
+    plan = WorkerPlan.from_dict(config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(plan.seed)
+    device = ray.train.torch.get_device()
+    choice = choose_precision(plan.precision, Device.current())
+    if rank == 0:
+        log.warning("precision %s (%s)", choice.precision, choice.reason)
+    model = load_for_training(plan.base_path, choice, device, plan.mode, plan.lora, plan.gradient_checkpointing)
+    parameters = count_parameters(model)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    tokenizer = WhisperTokenizer.from_pretrained(plan.base_path)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=choice.needs_loss_scaling and device.type == "cuda")
+    autocast = (
+        torch.autocast(device.type, dtype=choice.autocast_dtype)
+        if choice.autocast_dtype is not None and device.type == "cuda"
+        else nullcontext()
+    )
+    progress = {"step": 0, "epoch": 0, "batches_done": 0, "samples": 0, "audio_seconds": 0.0, "train_seconds": 0.0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            progress = load_checkpoint(directory, model, optimizer, scheduler, scaler)
+        log.warning(
+            "rank %d resumed at step %d (epoch %d, batch %d)",
+            rank,
+            progress["step"],
+            progress["epoch"],
+            progress["batches_done"],
+        )
+    shard = ray.train.get_dataset_shard("train")
+    model.train()
+    losses: list[float] = []
+    while progress["step"] < plan.max_steps:
+        started = time.perf_counter()
+        batches = shard.iter_batches(batch_size=plan.batch_size, drop_last=True)
+        index = -1
+        for index, rows in enumerate(batches):
+            if index >= plan.micro_batches_per_epoch:
+                break
+            if index < progress["batches_done"]:
+                continue
+            batch = {name: tensor.to(device) for name, tensor in collate(rows).items()}
+            with autocast:
+                loss = model(**batch).loss / plan.grad_accum
+            scaler.scale(loss).backward()
+            losses.append(loss.item() * plan.grad_accum)
+            progress["batches_done"] = index + 1
+            progress["samples"] += len(rows["id"]) * world
+            progress["audio_seconds"] += float(sum(rows["duration_s"])) * world
+            if progress["batches_done"] % plan.grad_accum:
+                continue
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, plan.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress["step"] += 1
+            epoch_end = progress["batches_done"] + plan.grad_accum > plan.micro_batches_per_epoch
+            due = plan.eval_every_steps is not None and progress["step"] % plan.eval_every_steps == 0
+            last = progress["step"] >= plan.max_steps
+            if epoch_end:
+                progress["epoch"] += 1
+                progress["batches_done"] = 0
+            if due or epoch_end or last:
+                progress["train_seconds"] += time.perf_counter() - started
+                _report(
+                    model,
+                    tokenizer,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    plan,
+                    progress,
+                    losses,
+                    parameters,
+                    device,
+                    rank,
+                    world,
+                )
+                started = time.perf_counter()
+                losses = []
+            if last or epoch_end:
+                break
+        else:
+            if index < 0:
+                raise RuntimeError(f"rank {rank}: the train shard yielded no batch of {plan.batch_size}")
+            progress["epoch"] += 1  # the shard ran out before the planned micro-batches: start the next epoch
+            progress["batches_done"] = 0
+
+
+def _report(model, tokenizer, optimizer, scheduler, scaler, plan, progress, losses, parameters, device, rank, world):
+    """Evaluate on rank 0, checkpoint, and report the same metrics from every worker."""
+    metrics = {
+        "step": progress["step"],
+        "epoch": progress["epoch"],
+        "loss": sum(losses) / len(losses) if losses else math.nan,
+        "learning_rate": scheduler.get_last_lr()[0],
+        "samples_per_second": progress["samples"] / max(progress["train_seconds"], 1e-9),
+        "audio_seconds_per_second": progress["audio_seconds"] / max(progress["train_seconds"], 1e-9),
+        "accelerator_seconds": progress["train_seconds"] * world,
+        "peak_memory_bytes": _peak_memory_bytes(device),
+        "trainable_parameters": parameters.trainable,
+        "total_parameters": parameters.total,
+        "language": plan.language,
+    }
+    if rank == 0:
+        scores = _evaluate_on_rank0(model, tokenizer, plan)
+        metrics.update({key: scores[key] for key in ("wer", "cer", "raw_wer", "primary", "utterances")})
+        metrics["eval_seconds"] = scores["seconds"]
+        model.train()
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(directory, model, optimizer, scheduler, scaler, progress)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    else:
+        ray.train.report(metrics)

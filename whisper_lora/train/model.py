@@ -1,0 +1,100 @@
+"""The model a worker trains: base Whisper in the chosen precision on the worker's own device, plus LoRA.
+
+int8 weights are placed with ``device_map={"": device}`` — never ``"auto"``, which spreads one worker's model
+over every visible GPU and breaks DDP (the known 8-bit multi-GPU trap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
+
+from whisper_lora.train.precision import PrecisionChoice
+
+Mode = Literal["lora", "full"]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    """Module names, or ``"all-linear"``."""
+
+
+@dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+    details: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCount:
+    """Trainable and total parameters; int8 weights count by element, as in their fp16 original."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ParameterCount(trainable, sum(p.numel() for p in model.parameters()))
+
+
+def _conv_output_requires_grad(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
+
+
+def load_for_training(
+    base_path: str,
+    choice: PrecisionChoice,
+    device: torch.device,
+    mode: Mode = "lora",
+    lora: LoraSettings = LoraSettings(),
+    gradient_checkpointing: bool = True,
+) -> torch.nn.Module:
+    """Base model (+ LoRA in ``lora`` mode) ready for the optimizer, on ``device``."""
+    if mode == "full" and choice.precision == "int8":
+        raise ValueError("full fine-tuning cannot update int8 weights: use bf16, fp16 or fp32 with mode=full")
+    if choice.precision == "int8":
+        model = WhisperForConditionalGeneration.from_pretrained(
+            base_path,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            device_map={"": device.index if device.type == "cuda" else "cpu"},
+            dtype=torch.float16 if device.type == "cuda" else torch.float32,
+        )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        # Full fine-tuning keeps fp32 master weights (autocast computes in bf16/fp16); LoRA freezes the base in
+        # the compute dtype, and peft keeps the adapter weights in fp32.
+        dtype = torch.float32 if mode == "full" else choice.weight_dtype
+        model = WhisperForConditionalGeneration.from_pretrained(base_path, dtype=dtype).to(device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if mode == "full":
+        return model
+    if gradient_checkpointing:
+        # Frozen conv weights give the encoder's input no grad; checkpointed blocks then see no grad to pass back.
+        model.model.encoder.conv1.register_forward_hook(_conv_output_requires_grad)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if not isinstance(lora.target_modules, str) else lora.target_modules,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def load_adapter(base_path: str, adapter_dir: str, device: torch.device | str = "cpu") -> PeftModel:
+    """Base model (fp32) plus a saved peft adapter, for inference."""
+    base = WhisperForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32).to(device)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()

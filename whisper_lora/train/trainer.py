@@ -1,0 +1,166 @@
+"""Driver side of training: plan the run, hand prepared shards to Ray Train, return where the best adapter is."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from whisper_lora.config import RunConfig as Config
+from whisper_lora.data.prepared import split_dir
+from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.prepare import prepared_dir
+from whisper_lora.train.checkpoint import ADAPTER_DIR
+from whisper_lora.train.loop import WorkerPlan, train_loop_per_worker
+from whisper_lora.train.model import LoraSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run hands on: the best checkpoint and its metrics."""
+
+    language: str
+    rank: int
+    best_checkpoint: str
+    """Checkpoint directory; its ``adapter/`` is a plain peft directory (LoRA mode)."""
+    metrics: dict
+    """Metrics reported with the best checkpoint (primary, wer, cer, step, ...)."""
+    final_metrics: dict
+    reported: list[dict]
+    """Metrics of every checkpoint Ray kept (all of them when ``checkpoints_to_keep`` is large enough)."""
+
+    @property
+    def adapter_dir(self) -> str:
+        return str(Path(self.best_checkpoint) / ADAPTER_DIR)
+
+
+def train_rows(config: Config, language: str) -> int:
+    """Usable training rows of ``language``, from the ``stats.json`` that ``prepare`` wrote."""
+    stats_file = prepared_dir(config) / "stats.json"
+    if not stats_file.is_file():
+        raise FileNotFoundError(f"{stats_file} not found: run `whisper-lora prepare` with this config first")
+    groups = json.loads(stats_file.read_text())["groups"]
+    key = f"{language}/{config.data.train_split}"
+    if key not in groups:
+        raise ValueError(f"no prepared rows for {key}: prepared groups are {sorted(groups)}")
+    return groups[key]["rows_out"]
+
+
+def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_dir: str) -> WorkerPlan:
+    """The plan every worker follows; fails early when the data cannot fill one optimizer step per worker."""
+    train = config.train
+    micro_batches = (rows // train.num_workers) // train.batch_size
+    if micro_batches < train.grad_accum:
+        raise ValueError(
+            f"{language}: {rows} training rows cannot give each of {train.num_workers} workers "
+            f"{train.grad_accum} batch(es) of {train.batch_size}; lower train.batch_size or train.num_workers"
+        )
+    lora = train.lora
+    return WorkerPlan(
+        base_path=base_path,
+        language=language,
+        micro_batches_per_epoch=micro_batches - micro_batches % train.grad_accum,
+        eval_dir=eval_dir,
+        mode=train.mode,
+        precision=train.precision,
+        lora=LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, _modules(lora.target_modules)),
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_steps,
+        max_steps=train.max_steps,
+        batch_size=train.batch_size,
+        grad_accum=train.grad_accum,
+        max_grad_norm=train.max_grad_norm,
+        gradient_checkpointing=train.gradient_checkpointing,
+        eval_every_steps=train.eval_every_steps,
+        eval_batch_size=config.eval.batch_size,
+        eval_max_utterances=config.eval.max_utterances,
+        seed=train.seed,
+    )
+
+
+def _modules(value: list[str] | str) -> tuple[str, ...] | str:
+    return value if isinstance(value, str) else tuple(value)
+
+
+def use_gpu(config: Config) -> bool:
+    """The configured choice, else whether the cluster has GPUs at all."""
+    if config.train.use_gpu is not None:
+        return config.train.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def arrow_bytes(directory: str) -> int:
+    """Uncompressed size of a prepared split, from its Parquet footers (what it takes in the object store)."""
+    total = 0
+    for path in Path(directory).glob("*.parquet"):
+        metadata = pq.ParquetFile(path).metadata
+        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    return total
+
+
+def train_dataset(directory: str, config: Config) -> ray.data.Dataset:
+    """The train split, held in the object store when small (epochs then start in ~0.1 s, not ~5 s)."""
+    dataset = ray.data.read_parquet(directory)
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    size = arrow_bytes(directory)
+    if size <= config.train.materialize_fraction * store:
+        log.info("holding %s (%.1f MiB) in the object store", directory, size / 2**20)
+        return dataset.materialize()
+    return dataset
+
+
+def build_trainer(config: Config, language: str, run_name: str) -> TorchTrainer:
+    """A ``TorchTrainer`` for one language and adapter shape, reading the prepared shards."""
+    base = resolve_base_model(config.model.base, config.model.cache_dir)
+    prepared = prepared_dir(config).resolve()
+    eval_dir = str(split_dir(prepared, language, config.data.eval_split))
+    plan = worker_plan(config, base.path, language, train_rows(config, language), eval_dir)
+    datasets = {"train": train_dataset(str(split_dir(prepared, language, config.data.train_split)), config)}
+    gpu = use_gpu(config)
+    resources = {"GPU": 1, "CPU": config.train.cpus_per_worker} if gpu else {"CPU": config.train.cpus_per_worker}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan.to_dict(),
+        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(config.train.storage_path.resolve()),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.train.checkpoints_to_keep,
+                checkpoint_score_attribute="primary",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+        ),
+        datasets=datasets,
+    )
+
+
+def outcome_of(result, language: str, rank: int) -> TrainOutcome:
+    """Best checkpoint by the primary metric (ties: the later step) and its metrics."""
+    if result.error is not None:
+        raise result.error
+    ranked = sorted(result.best_checkpoints, key=lambda pair: (pair[1]["primary"], -pair[1]["step"]))
+    checkpoint, metrics = ranked[0]
+    reported = [m for _, m in result.best_checkpoints]
+    return TrainOutcome(language, rank, checkpoint.path, metrics, result.metrics, reported)
+
+
+def train_language(config: Config) -> TrainOutcome:
+    """Train one language (``train.language`` or the first of ``data.languages``) with the configured LoRA."""
+    language = config.train.language or config.data.languages[0]
+    run_name = f"{config.experiment}-train-{language}-r{config.train.lora.rank}"
+    result = build_trainer(config, language, run_name).fit()
+    outcome = outcome_of(result, language, config.train.lora.rank)
+    log.info("best %s adapter: %s (%s)", language, outcome.adapter_dir, outcome.metrics.get("primary"))
+    return outcome
