@@ -94,8 +94,3 @@ def load_checkpoint(
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     return state["progress"]
-
-
-def adapter_parameter_bytes(directory: str | Path) -> int:
-    """Bytes of the saved adapter weights (the checkpoint's model part)."""
-    return (Path(directory) / ADAPTER_DIR / "adapter_model.safetensors").stat().st_size

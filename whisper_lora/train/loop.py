@@ -28,6 +28,7 @@ from whisper_lora.train.model import LoraSettings, Mode, count_parameters, load_
 from whisper_lora.train.precision import Device, choose_precision
 
 log = logging.getLogger(__name__)
+LOG_EVERY_STEPS = 10
 
 
 @dataclass
@@ -88,13 +89,14 @@ def _evaluate_on_rank0(model: torch.nn.Module, tokenizer: WhisperTokenizer, plan
 def train_loop_per_worker(config: dict) -> None:
     """Train ``plan.max_steps`` optimizer steps, evaluating and checkpointing at epoch ends (and every N steps)."""
     plan = WorkerPlan.from_dict(config)
+    logging.getLogger("whisper_lora").setLevel(logging.INFO)  # Ray's worker handlers take INFO; the root is WARNING
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(plan.seed)
     device = ray.train.torch.get_device()
     choice = choose_precision(plan.precision, Device.current())
     if rank == 0:
-        log.warning("precision %s (%s)", choice.precision, choice.reason)
+        log.info("precision %s (%s)", choice.precision, choice.reason)
     model = load_for_training(plan.base_path, choice, device, plan.mode, plan.lora, plan.gradient_checkpointing)
     parameters = count_parameters(model)
     if world > 1:
@@ -114,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             progress = load_checkpoint(directory, model, optimizer, scheduler, scaler)
-        log.warning(
+        log.info(
             "rank %d resumed at step %d (epoch %d, batch %d)",
             rank,
             progress["step"],
@@ -150,6 +152,14 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             progress["step"] += 1
+            if rank == 0 and progress["step"] % LOG_EVERY_STEPS == 0:
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e",
+                    progress["step"],
+                    plan.max_steps,
+                    losses[-1],
+                    scheduler.get_last_lr()[0],
+                )
             epoch_end = progress["batches_done"] + plan.grad_accum > plan.micro_batches_per_epoch
             due = plan.eval_every_steps is not None and progress["step"] % plan.eval_every_steps == 0
             last = progress["step"] >= plan.max_steps

@@ -6,7 +6,7 @@ over every visible GPU and breaks DDP (the known 8-bit multi-GPU trap).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,15 +27,10 @@ class LoraSettings:
     """Module names, or ``"all-linear"``."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParameterCount:
     trainable: int
     total: int
-    details: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def fraction(self) -> float:
-        return self.trainable / self.total
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterCount:
