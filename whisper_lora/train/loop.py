@@ -24,7 +24,7 @@ from whisper_lora.data.collate import collate
 from whisper_lora.data.prepared import iter_batches
 from whisper_lora.evaluate import evaluate
 from whisper_lora.train.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from whisper_lora.train.model import LoraSettings, Mode, count_parameters, load_for_training
+from whisper_lora.train.model import LoraSettings, Mode, count_parameters, load_for_training, target_modules
 from whisper_lora.train.precision import Device, choose_precision
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,9 @@ class WorkerPlan:
     @classmethod
     def from_dict(cls, values: dict) -> WorkerPlan:
         lora = values["lora"]
-        return cls(**{**values, "lora": LoraSettings(**{**lora, "target_modules": _modules(lora["target_modules"])})})
-
-
-def _modules(value: list[str] | tuple[str, ...] | str) -> tuple[str, ...] | str:
-    return value if isinstance(value, str) else tuple(value)
+        return cls(
+            **{**values, "lora": LoraSettings(**{**lora, "target_modules": target_modules(lora["target_modules"])})}
+        )
 
 
 def _peak_memory_bytes(device: torch.device) -> int:

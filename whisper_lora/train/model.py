@@ -27,6 +27,11 @@ class LoraSettings:
     """Module names, or ``"all-linear"``."""
 
 
+def target_modules(value: list[str] | tuple[str, ...] | str) -> tuple[str, ...] | str:
+    """Config or JSON form (list) → ``LoraSettings`` form (tuple, or ``"all-linear"``)."""
+    return value if isinstance(value, str) else tuple(value)
+
+
 @dataclass(frozen=True)
 class ParameterCount:
     trainable: int

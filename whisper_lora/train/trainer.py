@@ -19,7 +19,7 @@ from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.prepare import prepared_dir
 from whisper_lora.train.checkpoint import ADAPTER_DIR
 from whisper_lora.train.loop import WorkerPlan, train_loop_per_worker
-from whisper_lora.train.model import LoraSettings
+from whisper_lora.train.model import LoraSettings, target_modules
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_d
         eval_dir=eval_dir,
         mode=train.mode,
         precision=train.precision,
-        lora=LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, _modules(lora.target_modules)),
+        lora=LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, target_modules(lora.target_modules)),
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         warmup_steps=train.warmup_steps,
@@ -86,10 +86,6 @@ def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_d
         eval_max_utterances=config.eval.max_utterances,
         seed=train.seed,
     )
-
-
-def _modules(value: list[str] | str) -> tuple[str, ...] | str:
-    return value if isinstance(value, str) else tuple(value)
 
 
 def use_gpu(config: Config) -> bool:
