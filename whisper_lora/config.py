@@ -203,6 +203,11 @@ class RunConfig(_Section):
         return self
 
     @property
+    def train_language(self) -> str:
+        """The language a single-language run trains and scores: ``train.language``, else the first configured."""
+        return self.train.language or self.data.languages[0]
+
+    @property
     def run_dir(self) -> Path:
         """``output_dir/experiment``: everything this run writes locally."""
         return self.output_dir / self.experiment

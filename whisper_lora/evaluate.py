@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, WhisperTokenizer
 
-from whisper_lora.data.features import pad_log_mel
+from whisper_lora.data.collate import stack_features
 from whisper_lora.languages import get_language
 from whisper_lora.metrics import error_rates
 
@@ -64,7 +64,7 @@ def evaluate(
     started = time.perf_counter()
     for batch in batches:
         longest = max(len(ids) for ids in batch["label_ids"])
-        features = torch.from_numpy(np.stack([pad_log_mel(np.asarray(f)) for f in batch["input_features"]]))
+        features = stack_features(batch["input_features"])
         hypotheses += transcribe(model, tokenizer, features, language, 2 * longest + GENERATION_MARGIN)
         references += [str(sentence) for sentence in batch["sentence"]]
     model.train(was_training)

@@ -30,7 +30,7 @@ def score(config: RunConfig, split: str | None = None, adapter: str | None = Non
         languages = config.data.languages
     else:
         model = load_adapter(base.path, adapter)
-        languages = [config.train.language or config.data.languages[0]]
+        languages = [config.train_language]
     tokenizer = WhisperTokenizer.from_pretrained(base.path)
     scores = {"model": base.spec, "model_sha256": base.sha256, "adapter": adapter, "split": split, "languages": {}}
     for language in languages:

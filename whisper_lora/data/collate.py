@@ -21,6 +21,11 @@ WHISPER_FRAMES = 3000
 PAD_TOKEN_ID = 50257
 
 
+def stack_features(features: Sequence[np.ndarray], frames: int = WHISPER_FRAMES) -> torch.Tensor:
+    """Trimmed log-mel features of a batch, padded to Whisper's window and stacked: (B, mels, frames)."""
+    return torch.from_numpy(np.stack([pad_log_mel(np.asarray(f, dtype=np.float32), frames) for f in features]))
+
+
 def collate(
     batch: dict[str, np.ndarray], pad_token_id: int = PAD_TOKEN_ID, frames: int = WHISPER_FRAMES
 ) -> dict[str, torch.Tensor]:
@@ -33,9 +38,8 @@ def collate(
         tokens = torch.from_numpy(ids)
         decoder_input_ids[row, : len(ids) - 1] = tokens[:-1]
         labels[row, : len(ids) - 1] = tokens[1:]
-    features = np.stack([pad_log_mel(np.asarray(f, dtype=np.float32), frames) for f in batch["input_features"]])
     return {
-        "input_features": torch.from_numpy(features),
+        "input_features": stack_features(batch["input_features"], frames),
         "decoder_input_ids": decoder_input_ids,
         "labels": labels,
     }

@@ -154,7 +154,7 @@ def outcome_of(result, language: str, rank: int) -> TrainOutcome:
 
 def train_language(config: Config) -> TrainOutcome:
     """Train one language (``train.language`` or the first of ``data.languages``) with the configured LoRA."""
-    language = config.train.language or config.data.languages[0]
+    language = config.train_language
     run_name = f"{config.experiment}-train-{language}-r{config.train.lora.rank}"
     result = build_trainer(config, language, run_name).fit()
     outcome = outcome_of(result, language, config.train.lora.rank)
