@@ -46,6 +46,26 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps({"adapter": outcome.adapter_dir, **summary}, indent=2, ensure_ascii=False, default=str))
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from whisper_lora.tune.run import tune_languages
+
+    manifest = tune_languages(load_config(args.config, args.overrides))
+    print(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from whisper_lora.transcribe import PublishedAdapterError, transcribe_files
+
+    try:
+        results = transcribe_files(args.adapter, args.files, Path(args.cache_dir), args.base)
+    except PublishedAdapterError as exc:
+        raise ConfigError(str(exc)) from None
+    for path, text in results:
+        print(f"{path}\t{text}")
+
+
 def _config(args: argparse.Namespace) -> None:
     if args.config or args.overrides:
         print(load_config(args.config, args.overrides).model_dump_json(indent=2))
@@ -70,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(commands.add_parser("train", help="train one language's adapter with Ray Train")).set_defaults(
         run=_train
     )
+    _with_config(
+        commands.add_parser("tune", help="the main job: sweep languages × ranks × rates, select, publish")
+    ).set_defaults(run=_tune)
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files with a published adapter")
+    transcribe.add_argument("--adapter", required=True, help="published language directory (path or s3://)")
+    transcribe.add_argument("--base", default=None, help="base model spec (default: the manifest's)")
+    transcribe.add_argument("--cache-dir", default="artifacts/models", help="where imported base models are kept")
+    transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files (any format soundfile reads)")
+    transcribe.set_defaults(run=_transcribe)
     evaluate = _with_config(commands.add_parser("evaluate", help="score the base model (or base + adapter)"))
     evaluate.add_argument("--split", default=None, help="split to score (default: data.test_split)")
     evaluate.add_argument("--adapter", default=None, help="peft adapter directory; omit for zero-shot")

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from transformers import PreTrainedModel, WhisperTokenizer
+from transformers.modeling_outputs import BaseModelOutput
 
-from whisper_lora.data.collate import stack_features
+from whisper_lora.data.collate import encoder_input
 from whisper_lora.languages import get_language
 from whisper_lora.metrics import error_rates
 
@@ -27,16 +28,22 @@ PROMPT_TOKENS = 4
 def transcribe(
     model: PreTrainedModel,
     tokenizer: WhisperTokenizer,
-    input_features: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
     language: str,
     max_new_tokens: int = 128,
 ) -> list[str]:
-    """Greedy transcripts of a batch of log-mel features, in ``language``."""
+    """Greedy transcripts of a batch in ``language``; ``inputs`` as ``collate.encoder_input`` gives them
+    (log-mel features, or the cached output of a frozen encoder)."""
     parameter = next(model.parameters())
     device = parameter.device
     dtype = parameter.dtype if parameter.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if "encoder_hidden_states" in inputs:
+        hidden = inputs["encoder_hidden_states"].to(device, dtype)
+        encoder = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
+    else:
+        encoder = {"input_features": inputs["input_features"].to(device, dtype)}
     tokens = model.generate(
-        input_features=input_features.to(device, dtype),
+        **encoder,
         language=language,
         task="transcribe",
         num_beams=1,
@@ -53,7 +60,7 @@ def evaluate(
     language: str,
     keep_samples: int = 5,
 ) -> dict:
-    """Error rates of ``model`` over prepared batches (``input_features``, ``label_ids``, ``sentence``).
+    """Error rates of ``model`` over prepared or encoded batches (``label_ids``, ``sentence`` and the encoder input).
 
     Returns ``wer``, ``cer``, ``raw_wer``, ``primary``, ``utterances``, ``seconds`` and a few ``samples``.
     """
@@ -64,8 +71,7 @@ def evaluate(
     started = time.perf_counter()
     for batch in batches:
         longest = max(len(ids) for ids in batch["label_ids"])
-        features = stack_features(batch["input_features"])
-        hypotheses += transcribe(model, tokenizer, features, language, 2 * longest + GENERATION_MARGIN)
+        hypotheses += transcribe(model, tokenizer, encoder_input(batch), language, 2 * longest + GENERATION_MARGIN)
         references += [str(sentence) for sentence in batch["sentence"]]
     model.train(was_training)
     rates = error_rates(references, hypotheses, get_language(language))

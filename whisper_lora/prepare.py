@@ -44,6 +44,7 @@ def prepare(config: RunConfig) -> dict:
     stats["wall_seconds"] = round(elapsed, 2)
     stats["audio_seconds_per_second"] = round(stats["total"]["audio_seconds_in"] / elapsed, 2)
     stats["model"] = {"path": model.path, "spec": model.spec, "sha256": model.sha256}
+    stats["data"] = config.data.model_dump(mode="json")
     (staging / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -51,3 +52,15 @@ def prepare(config: RunConfig) -> dict:
         "prepared %d of %d rows in %.1f s → %s", stats["total"]["rows_out"], stats["total"]["rows_in"], elapsed, out
     )
     return stats
+
+
+def ensure_prepared(config: RunConfig) -> dict:
+    """The prepared stats, running ``prepare`` first unless the same data config and model prepared them."""
+    stats_file = prepared_dir(config) / "stats.json"
+    if stats_file.is_file():
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+        model = resolve_base_model(config.model.base, config.model.cache_dir)
+        if stats.get("data") == config.data.model_dump(mode="json") and stats["model"]["sha256"] == model.sha256:
+            log.info("reusing prepared data in %s", stats_file.parent)
+            return stats
+    return prepare(config)

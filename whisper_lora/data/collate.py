@@ -26,10 +26,28 @@ def stack_features(features: Sequence[np.ndarray], frames: int = WHISPER_FRAMES)
     return torch.from_numpy(np.stack([pad_log_mel(np.asarray(f, dtype=np.float32), frames) for f in features]))
 
 
+def encoder_input(batch: dict[str, np.ndarray], frames: int = WHISPER_FRAMES) -> dict[str, torch.Tensor]:
+    """``input_features`` (B, mels, 3000) from log-mel, or ``encoder_hidden_states`` (B, positions, d_model) from
+    the frozen-encoder cache, as float32."""
+    if "encoder_hidden_states" in batch:
+        hidden = np.stack([np.asarray(h) for h in batch["encoder_hidden_states"]]).astype(np.float32)
+        return {"encoder_hidden_states": torch.from_numpy(hidden)}
+    return {"input_features": stack_features(batch["input_features"], frames)}
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """A collated batch on ``device``, as the model's keyword arguments (cached encoder output wrapped the way
+    Whisper's forward takes it)."""
+    inputs: dict = {name: tensor.to(device) for name, tensor in batch.items()}
+    if "encoder_hidden_states" in inputs:
+        inputs["encoder_outputs"] = (inputs.pop("encoder_hidden_states"),)
+    return inputs
+
+
 def collate(
     batch: dict[str, np.ndarray], pad_token_id: int = PAD_TOKEN_ID, frames: int = WHISPER_FRAMES
 ) -> dict[str, torch.Tensor]:
-    """``input_features`` (B, mels, 3000), ``decoder_input_ids`` and ``labels`` (B, longest - 1)."""
+    """Encoder input (see ``encoder_input``), ``decoder_input_ids`` and ``labels`` (B, longest - 1)."""
     sequences: Sequence[np.ndarray] = [np.asarray(ids, dtype=np.int64) for ids in batch["label_ids"]]
     width = max(len(ids) for ids in sequences) - 1
     decoder_input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -39,7 +57,7 @@ def collate(
         decoder_input_ids[row, : len(ids) - 1] = tokens[:-1]
         labels[row, : len(ids) - 1] = tokens[1:]
     return {
-        "input_features": stack_features(batch["input_features"], frames),
+        **encoder_input(batch, frames),
         "decoder_input_ids": decoder_input_ids,
         "labels": labels,
     }

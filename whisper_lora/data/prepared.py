@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow.dataset as pads
 import ray.data  # noqa: F401  (registers Ray's tensor extension type, so input_features read as tensors)
 
-COLUMNS = ["id", "sentence", "duration_s", "label_ids", "input_features"]
+COLUMNS = ["id", "sentence", "duration_s", "label_ids"]
+FEATURE_COLUMNS = ("input_features", "encoder_hidden_states")
+"""Model input of a split: log-mel (prepared) or the frozen encoder's output (encoded)."""
 
 
 def split_dir(prepared: str | Path, language: str, split: str) -> Path:
@@ -18,11 +20,13 @@ def split_dir(prepared: str | Path, language: str, split: str) -> Path:
 
 
 def iter_batches(path: str | Path, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of a prepared split in file order, read in this process (evaluation, benchmarks)."""
+    """Batches of a prepared (or encoded) split in file order, read in this process (evaluation, benchmarks)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no prepared data at {path}: run `whisper-lora prepare` first")
     remaining = limit
-    for record_batch in pads.dataset(str(path), format="parquet").to_batches(batch_size=batch_size, columns=COLUMNS):
+    dataset = pads.dataset(str(path), format="parquet")
+    feature = next(name for name in FEATURE_COLUMNS if name in dataset.schema.names)
+    for record_batch in dataset.to_batches(batch_size=batch_size, columns=[*COLUMNS, feature]):
         if remaining is not None:
             record_batch = record_batch.slice(0, remaining)
             remaining -= record_batch.num_rows
@@ -32,7 +36,7 @@ def iter_batches(path: str | Path, batch_size: int, limit: int | None = None) ->
                 "sentence": np.asarray(record_batch.column("sentence").to_pylist()),
                 "duration_s": record_batch.column("duration_s").to_numpy(),
                 "label_ids": [np.asarray(ids, dtype=np.int64) for ids in record_batch.column("label_ids").to_pylist()],
-                "input_features": record_batch.column("input_features").to_numpy(),
+                feature: record_batch.column(feature).to_numpy(),
             }
         if remaining is not None and remaining <= 0:
             return

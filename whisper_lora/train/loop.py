@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 from transformers import WhisperTokenizer, get_linear_schedule_with_warmup
 
-from whisper_lora.data.collate import collate
+from whisper_lora.data.collate import collate, model_inputs
 from whisper_lora.data.prepared import iter_batches
 from whisper_lora.evaluate import evaluate
 from whisper_lora.train.checkpoint import load_checkpoint, save_checkpoint, unwrap
@@ -52,7 +52,11 @@ class WorkerPlan:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
+    freeze_encoder: bool = False
+    """Adapt the decoder only; the train and eval splits then hold cached encoder output."""
     eval_every_steps: int | None = None
+    eval_each_epoch: bool = True
+    torch_threads: int | None = None
     eval_batch_size: int = 8
     eval_max_utterances: int | None = None
     seed: int = 0
@@ -91,11 +95,15 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(plan.seed)
+    if plan.torch_threads:
+        torch.set_num_threads(plan.torch_threads)
     device = ray.train.torch.get_device()
     choice = choose_precision(plan.precision, Device.current())
     if rank == 0:
-        log.info("precision %s (%s)", choice.precision, choice.reason)
-    model = load_for_training(plan.base_path, choice, device, plan.mode, plan.lora, plan.gradient_checkpointing)
+        log.info("precision %s (%s); %d torch threads", choice.precision, choice.reason, torch.get_num_threads())
+    model = load_for_training(
+        plan.base_path, choice, device, plan.mode, plan.lora, plan.gradient_checkpointing, plan.freeze_encoder
+    )
     parameters = count_parameters(model)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
@@ -133,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if index < progress["batches_done"]:
                 continue
-            batch = {name: tensor.to(device) for name, tensor in collate(rows).items()}
+            batch = model_inputs(collate(rows), device)
             with autocast:
                 loss = model(**batch).loss / plan.grad_accum
             scaler.scale(loss).backward()
@@ -164,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
             if epoch_end:
                 progress["epoch"] += 1
                 progress["batches_done"] = 0
-            if due or epoch_end or last:
+            if due or (epoch_end and plan.eval_each_epoch) or last:
                 progress["train_seconds"] += time.perf_counter() - started
                 _report(
                     model,

@@ -55,8 +55,13 @@ def load_for_training(
     mode: Mode = "lora",
     lora: LoraSettings = LoraSettings(),
     gradient_checkpointing: bool = True,
+    freeze_encoder: bool = False,
 ) -> torch.nn.Module:
-    """Base model (+ LoRA in ``lora`` mode) ready for the optimizer, on ``device``."""
+    """Base model (+ LoRA in ``lora`` mode) ready for the optimizer, on ``device``.
+
+    ``freeze_encoder``: only the decoder learns (adapters in decoder modules only; in full mode the encoder's
+    weights are frozen), so the encoder's output can be computed once and cached (``whisper_lora.encode``).
+    """
     if mode == "full" and choice.precision == "int8":
         raise ValueError("full fine-tuning cannot update int8 weights: use bf16, fp16 or fp32 with mode=full")
     if choice.precision == "int8":
@@ -80,18 +85,39 @@ def load_for_training(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if mode == "full":
+        if freeze_encoder:
+            model.model.encoder.requires_grad_(False)
         return model
-    if gradient_checkpointing:
+    if gradient_checkpointing and not freeze_encoder:
         # Frozen conv weights give the encoder's input no grad; checkpointed blocks then see no grad to pass back.
         model.model.encoder.conv1.register_forward_hook(_conv_output_requires_grad)
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules) if not isinstance(lora.target_modules, str) else lora.target_modules,
+        target_modules=decoder_targets(model, lora.target_modules) if freeze_encoder else _peft_targets(lora),
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def _peft_targets(lora: LoraSettings) -> list[str] | str:
+    return lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+
+
+def decoder_targets(model: torch.nn.Module, names: tuple[str, ...] | str) -> list[str]:
+    """Full names of the decoder's linear layers matching ``names`` (or all of them for ``"all-linear"``)."""
+    wanted = None if names == "all-linear" else set(names)
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith("model.decoder.")
+        and isinstance(module, torch.nn.Linear)
+        and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
+    ]
+    if not targets:
+        raise ValueError(f"no decoder linear layer matches target modules {names!r}")
+    return targets
 
 
 def load_adapter(base_path: str, adapter_dir: str, device: torch.device | str = "cpu") -> PeftModel:

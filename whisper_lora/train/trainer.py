@@ -15,7 +15,8 @@ from ray.train.torch import TorchTrainer
 
 from whisper_lora.config import RunConfig as Config
 from whisper_lora.data.prepared import split_dir
-from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.encode import encode
+from whisper_lora.models.resolve import ResolvedModel, resolve_base_model
 from whisper_lora.prepare import prepared_dir
 from whisper_lora.train.checkpoint import ADAPTER_DIR
 from whisper_lora.train.loop import WorkerPlan, train_loop_per_worker
@@ -81,7 +82,10 @@ def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_d
         grad_accum=train.grad_accum,
         max_grad_norm=train.max_grad_norm,
         gradient_checkpointing=train.gradient_checkpointing,
+        freeze_encoder=train.freeze_encoder,
         eval_every_steps=train.eval_every_steps,
+        eval_each_epoch=train.eval_each_epoch,
+        torch_threads=train.torch_threads,
         eval_batch_size=config.eval.batch_size,
         eval_max_utterances=config.eval.max_utterances,
         seed=train.seed,
@@ -115,14 +119,24 @@ def train_dataset(directory: str, config: Config) -> ray.data.Dataset:
     return dataset
 
 
-def build_trainer(config: Config, language: str, run_name: str) -> TorchTrainer:
-    """A ``TorchTrainer`` for one language and adapter shape, reading the prepared shards."""
+def training_data(config: Config, base: ResolvedModel, languages: list[str], gpu: bool) -> Path:
+    """Root of the splits training reads: the prepared log-mel, or with ``train.freeze_encoder`` the cached encoder
+    output (computed here for whatever is missing)."""
+    if not config.train.freeze_encoder:
+        return prepared_dir(config).resolve()
+    splits = [config.data.train_split, config.data.eval_split]
+    return encode(config, base, languages, splits, gpu).resolve()
+
+
+def build_trainer(config: Config, language: str, run_name: str, callbacks: list | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` for one language and adapter shape, reading the prepared (or encoded) shards.
+    ``callbacks``: Train callbacks, e.g. Tune's ``TuneReportCallback`` when a trial runs it."""
     base = resolve_base_model(config.model.base, config.model.cache_dir)
-    prepared = prepared_dir(config).resolve()
-    eval_dir = str(split_dir(prepared, language, config.data.eval_split))
-    plan = worker_plan(config, base.path, language, train_rows(config, language), eval_dir)
-    datasets = {"train": train_dataset(str(split_dir(prepared, language, config.data.train_split)), config)}
     gpu = use_gpu(config)
+    data = training_data(config, base, [language], gpu)
+    eval_dir = str(split_dir(data, language, config.data.eval_split))
+    plan = worker_plan(config, base.path, language, train_rows(config, language), eval_dir)
+    datasets = {"train": train_dataset(str(split_dir(data, language, config.data.train_split)), config)}
     resources = {"GPU": 1, "CPU": config.train.cpus_per_worker} if gpu else {"CPU": config.train.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
@@ -130,13 +144,14 @@ def build_trainer(config: Config, language: str, run_name: str) -> TorchTrainer:
         scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(config.train.storage_path.resolve()),
+            storage_path=config.train.storage_uri,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.train.checkpoints_to_keep,
                 checkpoint_score_attribute="primary",
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

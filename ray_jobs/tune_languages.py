@@ -1,0 +1,18 @@
+"""The main job: per language, the best LoRA adapter over a grid of ranks and learning rates, published with a
+manifest.
+
+    ray job submit --working-dir . -- python ray_jobs/tune_languages.py --config ray_jobs/configs/demo.yaml
+
+Prepares the audio (Ray Data) when the prepared shards are missing or stale, measures the base model's zero-shot
+score per language, runs one Ray Train run per trial under Ray Tune, picks each language's best adapter on the eval
+split (WER, or CER where the registry says so) and publishes it to ``publish.storage`` (a path or ``s3://``) with
+``manifest.json`` and ``report.md``. Run again with the same config to resume an interrupted sweep.
+Recipe only: the components in ``whisper_lora.tune`` hold the logic.
+"""
+
+import sys
+
+from whisper_lora.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -1,0 +1,281 @@
+"""The main job on a tiny random Whisper: a sweep over 2 languages × 2 ranks publishes one verified adapter per
+language with its manifest and report; selection, early stopping, and publishing (interrupted, not worse, S3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_clip, write_common_voice
+from whisper_lora.config import load_config
+from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.publish import MANIFEST, open_storage, publish_selection, read_manifest
+from whisper_lora.train.model import LoraSettings, load_for_training
+from whisper_lora.train.precision import Device, choose_precision
+from whisper_lora.tune.search import PerLanguageASHA, max_concurrent_trials, trial_config
+from whisper_lora.tune.select import TrialOutcome, outcome_of, select_best
+
+SENTENCES = {
+    "hi": ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह"],
+    "ta": ["ஒன்று இரண்டு", "மூன்று நான்கு", "ஐந்து", "ஆறு ஏழு"],
+}
+
+
+def _overrides(root: Path, tiny_model_dir: str) -> list[str]:
+    for language, sentences in SENTENCES.items():
+        rows = []
+        for index, sentence in enumerate(sentences):
+            write_clip(root / "cv" / language / "clips" / f"{language}{index}.mp3", 1.0 + 0.2 * index)
+            rows.append((f"{language}{index}.mp3", sentence))
+        write_common_voice(root / "cv", language, {"train": rows, "dev": rows[:2], "test": rows[:2]})
+    return [
+        f"data.source.path={root}/cv",
+        "data.languages=hi,ta",
+        f"model.base={tiny_model_dir}",
+        f"model.cache_dir={root}/models",
+        f"output_dir={root}/runs",
+        f"train.storage_path={root}/ray",
+        f"publish.storage={root}/published",
+        "experiment=sweep",
+        "train.batch_size=2",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.learning_rate=1e-2",
+        "train.gradient_checkpointing=false",
+        "train.freeze_encoder=true",
+        "eval.batch_size=2",
+        "tune.ranks=2,4",
+    ]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tiny_model_dir, tmp_path_factory):
+    from whisper_lora.tune.run import tune_languages
+
+    root = tmp_path_factory.mktemp("tune")
+    config = load_config(None, _overrides(root, tiny_model_dir))
+    return config, tune_languages(config)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_sweep_publishes_one_verified_adapter_per_language(swept):
+    config, manifest = swept
+    published = Path(config.publish.storage).resolve() / config.experiment
+    assert sorted(manifest["languages"]) == ["hi", "ta"]
+    assert len(manifest["trials"]) == 4 and not manifest["failed_trials"]
+    assert manifest["base_model"]["sha256"] == resolve_base_model(config.model.base, config.model.cache_dir).sha256
+    for language, entry in manifest["languages"].items():
+        trials = [t for t in manifest["trials"] if t["language"] == language]
+        assert entry["value"] == min(t["primary"] for t in trials)  # the selection is the language's best trial
+        assert entry["metric"] == {"hi": "wer", "ta": "cer"}[language]
+        assert entry["zero_shot"]["primary"] >= 0 and entry["eval"]["utterances"] == 2
+        adapter = Path(entry["adapter"])
+        assert adapter.parent.parent.parent == published
+        for name, recorded in entry["files"].items():
+            assert _sha256(adapter / name) == recorded["sha256"]
+            assert (adapter / name).stat().st_size == recorded["bytes"]
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == entry["rank"]
+    assert json.loads((published / MANIFEST).read_text()) == manifest
+    for name in ("report.md", "error_by_rank.png", "best_vs_zero_shot.png"):
+        assert (published / name).stat().st_size > 0
+    assert "| hi | WER |" in (published / "report.md").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_downstream_job_transcribes_with_the_published_adapter(swept, tmp_path):
+    from whisper_lora.transcribe import PublishedAdapterError, transcribe_files
+
+    config, manifest = swept
+    clip = write_clip(tmp_path / "a.wav", 1.5, rate=16_000, fmt="WAV")
+    adapter = manifest["languages"]["hi"]["adapter"]
+    [(path, text)] = transcribe_files(adapter, [str(clip)], config.model.cache_dir)
+    assert path == str(clip) and isinstance(text, str)
+    tampered = tmp_path / "sweep" / "adapters" / "hi" / "x"
+    tampered.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tampered / name).write_bytes((Path(adapter) / name).read_bytes())
+    (tmp_path / "sweep" / MANIFEST).write_text(
+        json.dumps({**manifest, "languages": {"hi": {**manifest["languages"]["hi"], "adapter": str(tampered)}}})
+    )
+    with open(tampered / "adapter_model.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(PublishedAdapterError, match="sha256"):
+        transcribe_files(str(tampered), [str(clip)], config.model.cache_dir)
+
+
+def _outcome(trial: str, language: str, rank: int, primary: float, lr: float = 1e-3, step: int = 4, checkpoint=None):
+    best = {"primary": primary, "wer": primary, "cer": primary / 2, "raw_wer": primary, "utterances": 2, "step": step}
+    return TrialOutcome(trial, language, rank, lr, 2 * rank, best, checkpoint or f"/ckpt/{trial}")
+
+
+def test_selection_takes_the_lowest_metric_and_ties_go_to_the_smaller_rank():
+    outcomes = [
+        _outcome("a", "hi", 8, 0.40),
+        _outcome("b", "hi", 32, 0.35),
+        _outcome("c", "ta", 32, 0.20),
+        _outcome("d", "ta", 8, 0.20),
+        TrialOutcome("e", "ta", 4, 1e-3, 8, None, None, error="RuntimeError: boom"),
+    ]
+    selected = select_best(outcomes)
+    assert selected["hi"].trial_id == "b"
+    assert selected["ta"].trial_id == "d"
+    assert outcomes[-1].failed
+
+
+def test_trial_outcome_uses_the_best_checkpointed_report():
+    reports = [
+        {"step": 2, "primary": 0.5, "wer": 0.5, "cer": 0.2, "raw_wer": 0.5, "utterances": 2, "checkpoint_path": "/c/2"},
+        {"step": 4, "primary": 0.3, "wer": 0.3, "cer": 0.1, "raw_wer": 0.3, "utterances": 2, "checkpoint_path": "/c/4"},
+        {"step": 4, "primary": 0.1, "loss": 1.0},  # no checkpoint with it: not selectable
+    ]
+    outcome = outcome_of("t1", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None)
+    assert outcome.checkpoint == "/c/4" and outcome.best["primary"] == 0.3 and outcome.alpha == 16
+
+
+class _Trial:
+    def __init__(self, trial_id: str, language: str) -> None:
+        self.trial_id, self.config = trial_id, {"language": language}
+
+
+def test_early_stopping_compares_trials_of_one_language_only():
+    scheduler = PerLanguageASHA(grace_period=1, reduction_factor=2, max_t=100)
+    tamil, hindi, hindi_worse = _Trial("ta1", "ta"), _Trial("hi1", "hi"), _Trial("hi2", "hi")
+    for trial in (tamil, hindi, hindi_worse):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, tamil, {"step": 1, "primary": 0.05}) == "CONTINUE"
+    # Much worse than Tamil's CER, but the first Hindi result at this rung: nothing to compare with.
+    assert scheduler.on_trial_result(None, hindi, {"step": 1, "primary": 0.9}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, hindi_worse, {"step": 1, "primary": 0.95}) == "STOP"
+
+
+def test_trial_config_and_concurrency(tmp_path):
+    config = load_config(None, [f"data.source.path={tmp_path}", "data.languages=mr,ta", "train.num_workers=2"])
+    trial = trial_config(config, {"language": "ta", "rank": 16, "learning_rate": 3e-4})
+    assert (trial.train.language, trial.train.lora.rank, trial.train.learning_rate) == ("ta", 16, 3e-4)
+    assert max_concurrent_trials(config, {"CPU": 64, "GPU": 8}, gpu=True) == 4
+    assert max_concurrent_trials(config, {"CPU": 4}, gpu=False) >= 1
+    pinned = load_config(None, [f"data.source.path={tmp_path}", "tune.max_concurrent_trials=3"])
+    assert max_concurrent_trials(pinned, {"CPU": 64, "GPU": 8}, gpu=True) == 3
+
+
+# --- publishing, without a sweep: adapters saved from the tiny model ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model_dir, tmp_path_factory) -> Path:
+    """Two checkpoint directories (``<name>/adapter/``) with different LoRA weights."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    choice = choose_precision("fp32", Device("cpu"))
+    for seed, name in enumerate(("good", "worse")):
+        torch.manual_seed(seed)
+        model = load_for_training(tiny_model_dir, choice, torch.device("cpu"), "lora", LoraSettings(rank=2))
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data.normal_()
+        model.save_pretrained(root / name / "adapter")
+    return root
+
+
+def _publish_config(root: Path, storage: str, tiny_model_dir: str, **extra: str):
+    overrides = [
+        f"data.source.path={root}",
+        "data.languages=hi",
+        f"model.base={tiny_model_dir}",
+        f"train.storage_path={root}",
+        f"publish.storage={storage}",
+        "experiment=pub",
+        *[f"{key}={value}" for key, value in extra.items()],
+    ]
+    return load_config(None, overrides)
+
+
+ZERO_SHOT = {"hi": {"wer": 1.5, "cer": 1.2, "raw_wer": 1.5, "primary": 1.5}}
+
+
+def test_interrupted_publish_keeps_the_previous_manifest_and_worse_adapters_do_not_replace_better(
+    checkpoints, tiny_model_dir, tmp_path, monkeypatch
+):
+    import whisper_lora.publish as publish
+
+    config = _publish_config(checkpoints, str(tmp_path / "shared"), tiny_model_dir)
+    base = resolve_base_model(config.model.base, config.model.cache_dir)
+    good = _outcome("t-good", "hi", 2, 0.40, checkpoint=str(checkpoints / "good"))
+    first = publish_selection(config, base, {"hi": good}, ZERO_SHOT, [good])
+    storage = open_storage(config.publish.storage)
+
+    better = _outcome("t-better", "hi", 2, 0.30, checkpoint=str(checkpoints / "worse"))
+
+    def crash(*args, **kwargs):
+        raise OSError("node preempted during publish")
+
+    monkeypatch.setattr(publish, "write_manifest", crash)
+    with pytest.raises(OSError, match="preempted"):
+        publish_selection(config, base, {"hi": better}, ZERO_SHOT, [better])
+    monkeypatch.undo()
+    assert read_manifest(storage, "pub") == first  # the reader still sees the old, complete state
+    entry = first["languages"]["hi"]
+    for name, recorded in entry["files"].items():
+        assert _sha256(Path(entry["adapter"]) / name) == recorded["sha256"]
+
+    worse = _outcome("t-worse", "hi", 2, 0.55, checkpoint=str(checkpoints / "worse"))
+    again = publish_selection(config, base, {"hi": worse}, ZERO_SHOT, [worse])
+    assert again["languages"]["hi"]["trial_id"] == "t-good"
+    assert "kept the published adapter" in again["kept_previous"][0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_publish_to_s3_served_on_loopback(checkpoints, tiny_model_dir, tmp_path, monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "test-key-id",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-not-logged",
+            "AWS_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="models")
+        config = _publish_config(
+            checkpoints, "s3://models/whisper", tiny_model_dir, **{"publish.s3_endpoint": endpoint}
+        )
+        base = resolve_base_model(config.model.base, config.model.cache_dir)
+        good = _outcome("t-s3", "hi", 2, 0.4, checkpoint=str(checkpoints / "good"))
+        manifest = publish_selection(config, base, {"hi": good}, ZERO_SHOT, [good])
+        entry = manifest["languages"]["hi"]
+        assert entry["adapter"].startswith("s3://models/whisper/pub/adapters/hi/t-s3-")
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        stored = json.loads(s3.get_object(Bucket="models", Key="whisper/pub/manifest.json")["Body"].read())
+        assert stored == manifest
+        key = entry["adapter"].removeprefix("s3://models/") + "/adapter_model.safetensors"
+        body = s3.get_object(Bucket="models", Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["files"]["adapter_model.safetensors"]["sha256"]
+        assert "test-secret-not-logged" not in json.dumps(manifest)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        from whisper_lora.transcribe import find_entry
+
+        storage = open_storage(entry["adapter"])
+        assert find_entry(storage, storage.root).language == "hi"
+    finally:
+        server.stop()

@@ -1,0 +1,1 @@
+"""The Ray Tune sweep: languages × LoRA ranks × learning rates, selection and publication."""

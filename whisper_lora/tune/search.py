@@ -1,0 +1,93 @@
+"""What the sweep tries and how many trials run at once.
+
+The grid is languages × ranks × learning rates (× alphas when given). Early stopping compares trials of the same
+language only: a Tamil CER and a Hindi WER are different scales, so one ASHA bracket per language.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+from whisper_lora.config import RunConfig
+
+METRIC = "primary"
+"""WER or CER, whichever the language registry names primary: lower is better."""
+
+
+def param_space(config: RunConfig) -> dict[str, Any]:
+    space = {
+        "language": tune.grid_search(config.data.languages),
+        "rank": tune.grid_search(config.tune.ranks),
+        "learning_rate": tune.grid_search(config.tune.learning_rates),
+    }
+    if config.tune.alphas:
+        space["alpha"] = tune.grid_search(config.tune.alphas)
+    return space
+
+
+def trial_config(config: RunConfig, params: Mapping[str, Any]) -> RunConfig:
+    """The run config of one trial: the sweep's choices written into ``train``."""
+    tree = config.model_dump(mode="json")
+    tree["train"].update(language=params["language"], learning_rate=params["learning_rate"])
+    tree["train"]["lora"].update(rank=params["rank"], alpha=params.get("alpha"))
+    return RunConfig.model_validate(tree)
+
+
+def max_concurrent_trials(config: RunConfig, resources: Mapping[str, float], gpu: bool) -> int:
+    """Trials that fit side by side: GPUs / workers per trial; on CPU, real cores / workers (torch threads
+    compete for cores; Ray's logical CPUs here are inflated to keep Ray Data from deadlocking)."""
+    if config.tune.max_concurrent_trials:
+        return config.tune.max_concurrent_trials
+    workers = config.train.num_workers
+    if gpu:
+        return max(1, int(resources.get("GPU", 0)) // workers)
+    cores = int(resources.get("CPU", 1)) if config.ray.address else min(os.cpu_count() or 1, int(resources["CPU"]))
+    threads = config.train.torch_threads or 1
+    return max(1, cores // (workers * threads))
+
+
+class PerLanguageASHA(FIFOScheduler):
+    """ASHA with one independent scheduler per language (trials are routed by their ``language`` config)."""
+
+    def __init__(self, grace_period: int, reduction_factor: int, max_t: int) -> None:
+        super().__init__()
+        self._settings = {"grace_period": grace_period, "reduction_factor": reduction_factor, "max_t": max_t}
+        self._schedulers: dict[str, AsyncHyperBandScheduler] = {}
+
+    def _of(self, trial) -> AsyncHyperBandScheduler:
+        language = trial.config["language"]
+        if language not in self._schedulers:
+            self._schedulers[language] = AsyncHyperBandScheduler(
+                time_attr="step", metric=METRIC, mode="min", **self._settings
+            )
+        return self._schedulers[language]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{language}: {s.debug_string()}" for language, s in sorted(self._schedulers.items()))
+
+
+def scheduler(config: RunConfig) -> TrialScheduler:
+    asha = config.tune.asha
+    if not asha.enabled:
+        return FIFOScheduler()
+    return PerLanguageASHA(asha.grace_period_steps, asha.reduction_factor, config.train.max_steps)

@@ -1,0 +1,76 @@
+"""Which trial's adapter each language publishes: the lowest primary metric on the eval split, ties to the
+smaller rank (fewer parameters, same quality), then the lower learning rate and the earlier step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+SCORE_KEYS = ("primary", "wer", "cer", "raw_wer", "utterances", "step", "epoch")
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    language: str
+    rank: int
+    learning_rate: float
+    alpha: int
+    best: dict | None = None
+    """Scores reported with the trial's best checkpoint (``SCORE_KEYS``), or None when it never evaluated."""
+    checkpoint: str | None = None
+    """That checkpoint's path in the Train storage."""
+    error: str | None = None
+    history: list[dict] = field(default_factory=list)
+    """Every evaluation the trial reported (step, primary, wer, cer)."""
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or self.checkpoint is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def best_report(reports: Iterable[dict]) -> dict | None:
+    """The best report that came with a checkpoint; ties go to the earlier step."""
+    candidates = [
+        r for r in reports if r.get("checkpoint_path") and r.get("primary") is not None and not math.isnan(r["primary"])
+    ]
+    return min(candidates, key=lambda r: (r["primary"], r["step"]), default=None)
+
+
+def outcome_of(trial_id: str, params: dict, reports: list[dict], error: str | None) -> TrialOutcome:
+    best = best_report(reports)
+    return TrialOutcome(
+        trial_id=trial_id,
+        language=params["language"],
+        rank=params["rank"],
+        learning_rate=params["learning_rate"],
+        alpha=params.get("alpha") or 2 * params["rank"],
+        best={key: best[key] for key in SCORE_KEYS if key in best} if best else None,
+        checkpoint=best["checkpoint_path"] if best else None,
+        error=error,
+        history=[
+            {key: r[key] for key in ("step", "primary", "wer", "cer") if key in r}
+            for r in reports
+            if r.get("primary") is not None
+        ],
+    )
+
+
+def select_best(outcomes: Iterable[TrialOutcome]) -> dict[str, TrialOutcome]:
+    """Per language, the winning trial among those that finished with a checkpoint."""
+    winners: dict[str, TrialOutcome] = {}
+    for outcome in outcomes:
+        if outcome.failed:
+            continue
+        current = winners.get(outcome.language)
+        if current is None or _key(outcome) < _key(current):
+            winners[outcome.language] = outcome
+    return dict(sorted(winners.items()))
+
+
+def _key(outcome: TrialOutcome) -> tuple:
+    return (outcome.best["primary"], outcome.rank, outcome.learning_rate, outcome.best["step"])
