@@ -27,8 +27,8 @@ $(DEMO_DIR)/README.md: | install espeak
 	$(PY) -m whisper_lora.cli demo-corpus --out $(DEMO_DIR) --languages mr,hi,ta,te,kn,ml
 
 demo: install espeak $(DEMO_DIR)/README.md
-	$(PY) ray_jobs/prepare_data.py --config ray_jobs/configs/demo.yaml
-	$(PY) -m whisper_lora.cli evaluate --config ray_jobs/configs/demo.yaml
+	$(PY) ray_jobs/tune_languages.py --config ray_jobs/configs/demo.yaml
+	@echo "published: artifacts/published/demo/ (manifest.json, report.md, *.png)"
 
 test: install espeak
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q

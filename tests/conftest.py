@@ -97,6 +97,6 @@ def ray_local():
     """One local Ray instance for the session: 4 logical CPUs (see FACTS on 2-core deadlocks), 1 GiB store."""
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=2**30, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, object_store_memory=2**30, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

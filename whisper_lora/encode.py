@@ -29,7 +29,7 @@ from transformers import WhisperForConditionalGeneration
 
 from whisper_lora.config import RunConfig
 from whisper_lora.data.collate import stack_features
-from whisper_lora.data.prepared import split_dir
+from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, split_dir
 from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.prepare import prepared_dir
 
@@ -121,7 +121,7 @@ def encode(config: RunConfig, model: ResolvedModel, languages: list[str], splits
         compute=ray.data.ActorPoolStrategy(size=encode_actors(use_gpu)),
         num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else 1,
-    ).write_parquet(str(staging.resolve()), partition_cols=["language", "split"])
+    ).write_parquet(str(staging.resolve()), partition_cols=["language", "split"], **PARQUET_WRITE_ARGS)
     for language, split, source in pending:
         target = split_dir(root, language, split)
         _record(root, language, split).unlink(missing_ok=True)

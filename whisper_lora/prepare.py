@@ -16,6 +16,7 @@ import ray
 
 from whisper_lora.config import RunConfig
 from whisper_lora.data.pipeline import featurize
+from whisper_lora.data.prepared import PARQUET_WRITE_ARGS
 from whisper_lora.data.stats import StatsCollector
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.ray_runtime import init_ray
@@ -38,7 +39,7 @@ def prepare(config: RunConfig) -> dict:
     collector = StatsCollector.remote()
     started = time.perf_counter()
     dataset = featurize(config.data, model.path, splits, collector)
-    dataset.write_parquet(str(staging.resolve()), partition_cols=["language", "split"])
+    dataset.write_parquet(str(staging.resolve()), partition_cols=["language", "split"], **PARQUET_WRITE_ARGS)
     elapsed = time.perf_counter() - started
     stats = ray.get(collector.summary.remote())
     stats["wall_seconds"] = round(elapsed, 2)

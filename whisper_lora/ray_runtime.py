@@ -29,4 +29,10 @@ def init_ray(config: RayConfig) -> None:
         return
     cpus = local_cpus(config)
     log.info("starting a local Ray instance: %d logical CPUs, %.1f GiB object store", cpus, config.object_store_gib)
-    ray.init(num_cpus=cpus, object_store_memory=int(config.object_store_gib * 2**30), include_dashboard=False)
+    # address="local": a new instance even when /tmp/ray/ray_current_cluster names a (possibly dead) `ray start`
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        object_store_memory=int(config.object_store_gib * 2**30),
+        include_dashboard=False,
+    )

@@ -40,8 +40,10 @@ def plot_heatmap(outcomes: Sequence[TrialOutcome], path: Path) -> None:
     image = axes.imshow(grid, cmap="viridis_r", aspect="auto")
     axes.set_xticks(range(len(ranks)), [f"r={r}" for r in ranks])
     axes.set_yticks(range(len(languages)), [_label(language) for language in languages])
+    middle = np.nanmean([np.nanmin(grid), np.nanmax(grid)]) if np.isfinite(grid).any() else 0.0
     for (row, col), value in np.ndenumerate(grid):
-        axes.text(col, row, "failed" if np.isnan(value) else f"{value:.3f}", ha="center", va="center", color="w")
+        text = "failed" if np.isnan(value) else f"{value:.3f}"
+        axes.text(col, row, text, ha="center", va="center", color="black" if value <= middle else "white")
     axes.set_title("Eval error by LoRA rank (best learning rate)")
     figure.colorbar(image, ax=axes, label="error rate (lower is better)")
     figure.tight_layout()

@@ -14,6 +14,11 @@ FEATURE_COLUMNS = ("input_features", "encoder_hidden_states")
 """Model input of a split: log-mel (prepared) or the frozen encoder's output (encoded)."""
 
 
+PARQUET_WRITE_ARGS = {"use_dictionary": False, "min_rows_per_file": 256}
+"""How prepared and encoded splits are written. Dictionary encoding of the float tensors makes reading 5x slower
+for no gain (the values do not repeat); few larger files keep each trial's read of a split to a few tasks."""
+
+
 def split_dir(prepared: str | Path, language: str, split: str) -> Path:
     """Where one language's split lives."""
     return Path(prepared) / f"language={language}" / f"split={split}"

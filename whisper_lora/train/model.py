@@ -106,14 +106,15 @@ def _peft_targets(lora: LoraSettings) -> list[str] | str:
 
 
 def decoder_targets(model: torch.nn.Module, names: tuple[str, ...] | str) -> list[str]:
-    """Full names of the decoder's linear layers matching ``names`` (or all of them for ``"all-linear"``)."""
+    """Full names of the decoder's linear layers matching ``names`` (or all of them for ``"all-linear"``).
+    A name matches as peft matches it: by its last dotted segments (``v_proj``, ``encoder_attn.v_proj``)."""
     wanted = None if names == "all-linear" else set(names)
     targets = [
         name
         for name, module in model.named_modules()
         if name.startswith("model.decoder.")
         and isinstance(module, torch.nn.Linear)
-        and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
+        and (wanted is None or any(name.endswith(f".{suffix}") for suffix in wanted))
     ]
     if not targets:
         raise ValueError(f"no decoder linear layer matches target modules {names!r}")

@@ -85,6 +85,7 @@ def outcomes_of(grid: tune.ResultGrid) -> list[TrialOutcome]:
 
 def tune_languages(config: RunConfig) -> dict:
     """Run the whole job; returns the published manifest."""
+    config = config.with_absolute_paths()
     init_ray(config.ray)
     base = resolve_base_model(config.model.base, config.model.cache_dir)
     ensure_prepared(config)
