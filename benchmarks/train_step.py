@@ -99,6 +99,14 @@ def main() -> None:
             "train.warmup_steps=0",
             "eval.max_utterances=2",
             f"train.eval_every_steps={args.steps}",
+            "train.eval_each_epoch=false",
+            # the plain loops' model and threads: adapters on encoder and decoder, checkpointing, torch's default
+            "train.freeze_encoder=false",
+            "train.lora.target_modules=[q_proj,v_proj]",
+            "train.lora.rank=8",
+            "train.lora.alpha=16",
+            "train.gradient_checkpointing=true",
+            f"train.torch_threads={torch.get_num_threads()}",
             *args.overrides,
         ],
     )

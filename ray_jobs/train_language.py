@@ -1,6 +1,6 @@
 """Train one language's LoRA adapter with Ray Train and print where the best adapter is.
 
-    ray job submit --working-dir . -- python ray_jobs/train_language.py --config ray_jobs/configs/demo.yaml \
+    ray job submit --working-dir . -- python ray_jobs/train_language.py --config ray_jobs/configs/cluster.yaml \
         train.language=hi train.lora.rank=32
 
 Needs the prepared data of the same config (``ray_jobs/prepare_data.py``). Recipe only: the components in

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ def _yaml(path: Path) -> dict:
 
 def _entrypoints(text: str) -> list[list[str]]:
     """Every ``python ray_jobs/….py …`` command in a file, as argv lists."""
-    commands = re.findall(r"python (ray_jobs/\S+\.py[^\n\\]*)", text)
+    commands = re.findall(r"python (ray_jobs/\S+\.py[^\n\\`]*)", text)
     return [shlex.split(command) for command in commands]
 
 
@@ -55,6 +54,18 @@ def test_kuberay_manifests_give_each_worker_one_gpu_and_run_the_pinned_ray(name)
             assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
 
 
+def test_every_pod_mounts_the_shared_output_dir_of_the_cluster_config():
+    shared = Path(load_config(ROOT / "ray_jobs" / "configs" / "cluster.yaml").output_dir)
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        for group in _ray_pod_specs(_yaml(CLUSTER / "kuberay" / name)):
+            for container in group["template"]["spec"]["containers"]:
+                mounts = [Path(mount["mountPath"]) for mount in container["volumeMounts"]]
+                assert any(shared.is_relative_to(mount) for mount in mounts), f"{name}: {shared} not mounted"
+    launcher = _yaml(CLUSTER / "launcher" / "aws-gpu.yaml")
+    volumes = [option.split()[-1] for option in launcher["docker"]["run_options"] if option.startswith("-v ")]
+    assert any(shared.is_relative_to(volume.split(":")[-1]) for volume in volumes)
+
+
 def test_entrypoints_named_anywhere_exist_and_their_configs_validate(tmp_path):
     texts = [path.read_text() for path in CLUSTER.rglob("*") if path.is_file()]
     texts += [path.read_text() for path in (ROOT / "ray_jobs").rglob("*.py")]
@@ -75,12 +86,13 @@ def test_launcher_runtime_env_and_image_agree_with_the_project():
     assert gpu_nodes and all(node["max_workers"] >= 1 for node in gpu_nodes)
     runtime_env = _yaml(CLUSTER / "runtime_env.yaml")
     assert runtime_env["working_dir"] == "." and ".venv/" in runtime_env["excludes"]
-    assert not any(re.search(r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD)(?:_|$)", key) for key in runtime_env.get("env_vars", {}))
+    assert not any(
+        re.search(r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD)(?:_|$)", key) for key in runtime_env.get("env_vars", {})
+    )
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY_PIN)}-", dockerfile, re.MULTILINE)
-    python = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    tag_python = re.search(r"-py3(\d+)", dockerfile).group(1)
-    assert f"3.{tag_python}" >= python.removeprefix(">=")
+    minimum = int(re.search(r'requires-python = ">=3\.(\d+)"', (ROOT / "pyproject.toml").read_text()).group(1))
+    assert int(re.search(r"-py3(\d+)", dockerfile).group(1)) >= minimum
     for copied in re.findall(r"^COPY \S+ (.+) \S+$", dockerfile, re.MULTILINE):
         for name in copied.split():
             assert (ROOT / name).exists(), f"Dockerfile copies missing {name}"

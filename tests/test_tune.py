@@ -110,7 +110,7 @@ def ray_head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def swept(ray_head, tiny_model_dir, tmp_path_factory):
-    """The main job, submitted with ``ray job submit`` exactly as the README says, on the tiny model."""
+    """The main job, submitted with ``ray job submit`` as its docstring says, on the tiny model."""
     address, env = ray_head
     root = tmp_path_factory.mktemp("tune")
     config_file = root / "sweep.yaml"
@@ -121,8 +121,8 @@ def swept(ray_head, tiny_model_dir, tmp_path_factory):
         "submit",
         "--address",
         address,
-        "--runtime-env",
-        "cluster/runtime_env.yaml",
+        "--working-dir",
+        ".",
         "--",
         "python",
         "ray_jobs/tune_languages.py",
@@ -351,3 +351,27 @@ def test_publish_to_s3_served_on_loopback(checkpoints, tiny_model_dir, tmp_path,
         assert find_entry(storage, storage.root).language == "hi"
     finally:
         server.stop()
+
+
+def test_report_marks_failed_cells_and_keeps_the_best_rate_per_rank(tmp_path):
+    from whisper_lora.report import error_grid, write_report
+
+    outcomes = [
+        _outcome("a", "hi", 8, 0.40, lr=1e-3),
+        _outcome("b", "hi", 8, 0.30, lr=3e-4),
+        _outcome("c", "ta", 32, 0.20),
+        TrialOutcome("d", "ta", 8, 1e-3, 16, None, None, error="RuntimeError: out of memory"),
+    ]
+    languages, ranks, grid = error_grid(outcomes)
+    assert (languages, ranks) == (["hi", "ta"], [8, 32])
+    assert grid[0, 0] == 0.30 and torch.isnan(torch.tensor(grid[1, 0])) and grid[1, 1] == 0.20
+    entry = {"zero_shot": {"primary": 1.0}, "value": 0.3, "metric": "wer", "wer": 0.3, "cer": 0.1, "rank": 8}
+    manifest = {
+        "experiment": "x",
+        "base_model": {"id": "tiny", "sha256": "0" * 64},
+        "created": "now",
+        "languages": {"hi": {**entry, "learning_rate": 3e-4, "train_steps": 4, "trial_id": "b"}},
+    }
+    files = write_report(tmp_path, manifest, outcomes)
+    assert all(path.stat().st_size > 0 for path in files)
+    assert "failed: RuntimeError: out of memory" in files[0].read_text()
