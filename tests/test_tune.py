@@ -129,9 +129,13 @@ def swept(ray_head, tiny_model_dir, tmp_path_factory):
         "--config",
         str(config_file),
     ]
-    submitted = subprocess.run(
-        command, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900
-    )
+    for _ in range(30):  # the dashboard answers before the node's job agent is up
+        submitted = subprocess.run(
+            command, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900
+        )
+        if "No available agent" not in submitted.stdout + submitted.stderr:
+            break
+        time.sleep(2)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     assert "succeeded" in submitted.stdout + submitted.stderr
     config = load_config(config_file)
@@ -140,7 +144,7 @@ def swept(ray_head, tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_sweep_publishes_one_verified_adapter_per_language(swept):
     config, manifest = swept
     published = Path(config.publish.storage).resolve() / config.experiment
@@ -165,7 +169,7 @@ def test_sweep_publishes_one_verified_adapter_per_language(swept):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_downstream_job_transcribes_with_the_published_adapter(swept, tmp_path):
     from whisper_lora.transcribe import PublishedAdapterError, transcribe_files
 
@@ -209,11 +213,20 @@ def test_selection_takes_the_lowest_metric_and_ties_go_to_the_smaller_rank():
 def test_trial_outcome_uses_the_best_checkpointed_report():
     reports = [
         {"step": 2, "primary": 0.5, "wer": 0.5, "cer": 0.2, "raw_wer": 0.5, "utterances": 2, "checkpoint_path": "/c/2"},
-        {"step": 4, "primary": 0.3, "wer": 0.3, "cer": 0.1, "raw_wer": 0.3, "utterances": 2, "checkpoint_path": "/c/4"},
+        {
+            "step": 4.0,
+            "primary": 0.3,
+            "wer": 0.3,
+            "cer": 0.1,
+            "raw_wer": 0.3,
+            "utterances": 2.0,
+            "checkpoint_path": "/c/4",
+        },
         {"step": 4, "primary": 0.1, "loss": 1.0},  # no checkpoint with it: not selectable
     ]
     outcome = outcome_of("t1", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None)
     assert outcome.checkpoint == "/c/4" and outcome.best["primary"] == 0.3 and outcome.alpha == 16
+    assert isinstance(outcome.best["utterances"], int)
 
 
 class _Trial:

@@ -25,23 +25,20 @@ def split_dir(prepared: str | Path, language: str, split: str) -> Path:
 
 
 def iter_batches(path: str | Path, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of a prepared (or encoded) split in file order, read in this process (evaluation, benchmarks)."""
+    """Batches of a prepared (or encoded) split, read in this process (evaluation, benchmarks), in ``id`` order:
+    scores then do not depend on how the split was written (a batch's generation cap depends on its rows)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no prepared data at {path}: run `whisper-lora prepare` first")
-    remaining = limit
     dataset = pads.dataset(str(path), format="parquet")
     feature = next(name for name in FEATURE_COLUMNS if name in dataset.schema.names)
-    for record_batch in dataset.to_batches(batch_size=batch_size, columns=[*COLUMNS, feature]):
-        if remaining is not None:
-            record_batch = record_batch.slice(0, remaining)
-            remaining -= record_batch.num_rows
-        if record_batch.num_rows:
-            yield {
-                "id": np.asarray(record_batch.column("id").to_pylist()),
-                "sentence": np.asarray(record_batch.column("sentence").to_pylist()),
-                "duration_s": record_batch.column("duration_s").to_numpy(),
-                "label_ids": [np.asarray(ids, dtype=np.int64) for ids in record_batch.column("label_ids").to_pylist()],
-                feature: record_batch.column(feature).to_numpy(),
-            }
-        if remaining is not None and remaining <= 0:
-            return
+    ids = dataset.to_table(columns=["id"]).column("id").to_pylist()
+    order = sorted(range(len(ids)), key=ids.__getitem__)[:limit]
+    for start in range(0, len(order), batch_size):
+        table = dataset.take(order[start : start + batch_size], columns=[*COLUMNS, feature])
+        yield {
+            "id": np.asarray(table.column("id").to_pylist()),
+            "sentence": np.asarray(table.column("sentence").to_pylist()),
+            "duration_s": table.column("duration_s").to_numpy(),
+            "label_ids": [np.asarray(ids, dtype=np.int64) for ids in table.column("label_ids").to_pylist()],
+            feature: table.column(feature).combine_chunks().to_numpy(),
+        }

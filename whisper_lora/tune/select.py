@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 SCORE_KEYS = ("primary", "wer", "cer", "raw_wer", "utterances", "step", "epoch")
+INT_KEYS = ("utterances", "step", "epoch")
 
 
 @dataclass
@@ -49,7 +50,7 @@ def outcome_of(trial_id: str, params: dict, reports: list[dict], error: str | No
         rank=params["rank"],
         learning_rate=params["learning_rate"],
         alpha=params.get("alpha") or 2 * params["rank"],
-        best={key: best[key] for key in SCORE_KEYS if key in best} if best else None,
+        best=_scores(best) if best else None,
         checkpoint=best["checkpoint_path"] if best else None,
         error=error,
         history=[
@@ -58,6 +59,11 @@ def outcome_of(trial_id: str, params: dict, reports: list[dict], error: str | No
             if r.get("primary") is not None
         ],
     )
+
+
+def _scores(report: dict) -> dict:
+    """The scores of a report, counts as ints (Tune's result table holds every number as a float)."""
+    return {key: int(report[key]) if key in INT_KEYS else report[key] for key in SCORE_KEYS if key in report}
 
 
 def select_best(outcomes: Iterable[TrialOutcome]) -> dict[str, TrialOutcome]:
