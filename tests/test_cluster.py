@@ -33,7 +33,11 @@ def _check_entrypoint(argv: list[str], tmp_path: Path) -> None:
     assert "--config" in argv, f"{argv} names no config"
     config = ROOT / argv[argv.index("--config") + 1]
     assert config.is_file(), f"{config} does not exist"
-    load_config(config, argv[argv.index("--config") + 2 :])  # validates (remote paths are not checked)
+    overrides = argv[argv.index("--config") + 2 :]
+    source = _yaml(config)["data"]["source"]["path"]
+    if "://" not in source:  # a local corpus (the demo's) exists only after `make demo`
+        overrides.append(f"data.source.path={tmp_path}")
+    load_config(config, overrides)  # validates every field (remote paths are not checked)
 
 
 def _ray_pod_specs(document: dict) -> list[dict]:
