@@ -76,7 +76,7 @@ def _sha256(path: Path) -> str:
 def ray_head(tmp_path_factory):
     """A separate local cluster (``ray start --head``), as the job-submission path needs; stopped with SIGTERM,
     which shuts down only its own processes (``ray stop`` would stop every Ray on the machine)."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent, runtime_env_agent, metrics = (_free_port() for _ in range(5))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     head = subprocess.Popen(
         [
@@ -86,6 +86,10 @@ def ray_head(tmp_path_factory):
             "--block",
             f"--port={gcs}",
             f"--dashboard-port={dashboard}",
+            # the agent ports default to fixed numbers that the session's other local Ray already holds
+            f"--dashboard-agent-listen-port={agent}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}",
             "--include-dashboard=true",
             "--num-cpus=4",
             f"--object-store-memory={2**30}",
@@ -129,7 +133,7 @@ def swept(ray_head, tiny_model_dir, tmp_path_factory):
         "--config",
         str(config_file),
     ]
-    for _ in range(30):  # the dashboard answers before the node's job agent is up
+    for _ in range(15):  # the dashboard answers before the node's job agent is up
         submitted = subprocess.run(
             command, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900
         )
