@@ -392,3 +392,15 @@ def test_report_marks_failed_cells_and_keeps_the_best_rate_per_rank(tmp_path):
     files = write_report(tmp_path, manifest, outcomes)
     assert all(path.stat().st_size > 0 for path in files)
     assert "failed: RuntimeError: out of memory" in files[0].read_text()
+
+
+def test_an_adapter_without_a_manifest_is_a_clear_error(tmp_path):
+    from whisper_lora.transcribe import PublishedAdapterError, find_entry
+
+    adapter = tmp_path / "exp" / "adapters" / "hi" / "t-0123"
+    adapter.mkdir(parents=True)
+    storage = open_storage(str(adapter))
+    with pytest.raises(PublishedAdapterError, match=r"no manifest\.json"):
+        find_entry(storage, storage.root)
+    with pytest.raises(PublishedAdapterError, match="not a published adapter"):
+        find_entry(open_storage(str(tmp_path)), str(tmp_path))

@@ -30,7 +30,7 @@ from transformers import WhisperForConditionalGeneration
 
 from whisper_lora.config import RunConfig
 from whisper_lora.data.collate import stack_features
-from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, split_dir
+from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, split_dir, split_files
 from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.prepare import prepared_dir
 
@@ -72,8 +72,7 @@ class EncodeBatch:
 
 def _source(config: RunConfig, model: ResolvedModel, language: str, split: str) -> dict:
     """What an encoded split depends on: the model's content and the prepared split's files."""
-    directory = split_dir(prepared_dir(config), language, split)
-    files = sorted((path.name, path.stat().st_size) for path in directory.glob("*.parquet"))
+    files = split_files(split_dir(prepared_dir(config), language, split))
     return {"model_sha256": model.sha256, "language": language, "split": split, "prepared_files": files}
 
 

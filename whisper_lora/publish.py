@@ -77,12 +77,16 @@ def storage_of(config: PublishConfig) -> Storage:
     return open_storage(config.storage, config.s3_endpoint, config.s3_region)
 
 
-def read_manifest(storage: Storage, experiment: str) -> dict | None:
-    path = storage.path(experiment, MANIFEST)
+def read_json(storage: Storage, path: str) -> dict | None:
+    """A JSON file at ``path`` inside ``storage``'s filesystem, or None when there is none."""
     if storage.fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with storage.fs.open_input_stream(path) as stream:
         return json.loads(stream.read().decode("utf-8"))
+
+
+def read_manifest(storage: Storage, experiment: str) -> dict | None:
+    return read_json(storage, storage.path(experiment, MANIFEST))
 
 
 def write_bytes(storage: Storage, path: str, data: bytes) -> None:

@@ -5,7 +5,6 @@ plus the adapter (``PeftModel.from_pretrained``, the peft format unchanged) and 
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from whisper_lora.data.collate import stack_features
 from whisper_lora.data.features import Featurizer
 from whisper_lora.evaluate import transcribe
 from whisper_lora.models.resolve import resolve_base_model
-from whisper_lora.publish import ADAPTER_FILES, MANIFEST, Storage, adapter_files, open_storage
+from whisper_lora.publish import ADAPTER_FILES, MANIFEST, Storage, adapter_files, open_storage, read_json
 from whisper_lora.train.model import load_adapter
 
 MAX_SECONDS = 30.0
@@ -46,8 +45,9 @@ def find_entry(storage: Storage, adapter_path: str) -> PublishedAdapter:
         raise PublishedAdapterError(f"{adapter_path} is not a published adapter (…/adapters/<lang>/<name>)")
     experiment_dir = "/".join(parts[:-3])
     manifest_path = f"{experiment_dir}/{MANIFEST}"
-    with storage.fs.open_input_stream(manifest_path) as stream:
-        manifest = json.loads(stream.read().decode("utf-8"))
+    manifest = read_json(storage, manifest_path)
+    if manifest is None:
+        raise PublishedAdapterError(f"no {MANIFEST} at {experiment_dir}: publish with `whisper-lora tune` first")
     language = parts[-2]
     entry = manifest["languages"].get(language)
     if entry is None or not entry["adapter"].rstrip("/").endswith("/".join(parts[-3:])):

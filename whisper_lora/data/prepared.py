@@ -24,6 +24,11 @@ def split_dir(prepared: str | Path, language: str, split: str) -> Path:
     return Path(prepared) / f"language={language}" / f"split={split}"
 
 
+def split_files(directory: str | Path) -> list[tuple[str, int]]:
+    """(name, bytes) of a split's Parquet files: what caches keyed on a split compare."""
+    return sorted((path.name, path.stat().st_size) for path in Path(directory).glob("*.parquet"))
+
+
 def iter_batches(path: str | Path, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Batches of a prepared (or encoded) split, read in this process (evaluation, benchmarks), in ``id`` order:
     scores then do not depend on how the split was written (a batch's generation cap depends on its rows)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 SCORE_KEYS = ("primary", "wer", "cer", "raw_wer", "utterances", "step", "epoch")
 INT_KEYS = ("utterances", "step", "epoch")
@@ -23,8 +23,6 @@ class TrialOutcome:
     checkpoint: str | None = None
     """That checkpoint's path in the Train storage."""
     error: str | None = None
-    history: list[dict] = field(default_factory=list)
-    """Every evaluation the trial reported (step, primary, wer, cer)."""
 
     @property
     def failed(self) -> bool:
@@ -53,11 +51,6 @@ def outcome_of(trial_id: str, params: dict, reports: list[dict], error: str | No
         best=_scores(best) if best else None,
         checkpoint=best["checkpoint_path"] if best else None,
         error=error,
-        history=[
-            {key: r[key] for key in ("step", "primary", "wer", "cer") if key in r}
-            for r in reports
-            if r.get("primary") is not None
-        ],
     )
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperTokenizer
 
 from whisper_lora.config import RunConfig
-from whisper_lora.data.prepared import iter_batches, split_dir
+from whisper_lora.data.prepared import iter_batches, split_dir, split_files
 from whisper_lora.evaluate import evaluate
 from whisper_lora.models.resolve import ResolvedModel
 
@@ -32,8 +32,7 @@ def score_base(base_path: str, directory: str, language: str, batch_size: int, l
 
 
 def _key(base: ResolvedModel, directory: Path, limit: int | None) -> dict:
-    files = sorted((path.name, path.stat().st_size) for path in directory.glob("*.parquet"))
-    return {"model_sha256": base.sha256, "files": files, "max_utterances": limit}
+    return {"model_sha256": base.sha256, "files": split_files(directory), "max_utterances": limit}
 
 
 def zero_shot_scores(config: RunConfig, base: ResolvedModel, data_root: Path, gpu: bool) -> dict[str, dict]:
