@@ -20,6 +20,7 @@ def test_resampling_48k_sine_keeps_frequency_and_level():
     assert rms_out == pytest.approx(rms_in, rel=0.01)
 
 
+@pytest.mark.reliability
 def test_stereo_44k_and_8k_are_downmixed_and_resampled(tmp_path):
     stereo = load_audio(str(write_clip(tmp_path / "s.flac", 1.0, rate=44_100, channels=2, fmt="FLAC")))
     narrow = load_audio(str(write_clip(tmp_path / "n.wav", 1.0, rate=8_000, fmt="WAV")))
@@ -34,6 +35,7 @@ def test_decodes_mp3_bytes_and_paths_alike(tmp_path):
     np.testing.assert_array_equal(from_path, from_bytes)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(
     ("make", "reason"),
     [

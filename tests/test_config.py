@@ -18,6 +18,7 @@ def test_loads_yaml_and_applies_dotted_overrides(config_file):
     assert config.run_dir.name == "x1"
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(
     ("override", "field", "message"),
     [

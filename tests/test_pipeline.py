@@ -55,6 +55,7 @@ def _run(config, splits):
     return rows, ray.get(collector.summary.remote())
 
 
+@pytest.mark.reliability
 def test_common_voice_rows_are_featurized_and_bad_rows_counted(ray_local, tiny_model_dir, corpus_with_bad_rows):
     config = load_config(
         None,
@@ -149,6 +150,7 @@ def test_manifest_source_resolves_relative_paths(ray_local, tiny_model_dir, tmp_
     assert stats["total"]["dropped"] == {"missing_audio": 1}
 
 
+@pytest.mark.reliability
 def test_source_problems_are_raised_before_any_work(ray_local, tmp_path):
     write_common_voice(tmp_path / "cv", "hi", {"train": [("a.mp3", SENTENCE)]})
     (tmp_path / "cv" / "hi" / "dev.tsv").write_text("client_id\tpath\ttext\nc\ta.mp3\tx\n")

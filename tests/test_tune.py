@@ -246,6 +246,8 @@ def test_early_stopping_compares_trials_of_one_language_only():
     assert scheduler.on_trial_result(None, tamil, {"step": 1, "primary": 0.05}) == "CONTINUE"
     # Much worse than Tamil's CER, but the first Hindi result at this rung: nothing to compare with.
     assert scheduler.on_trial_result(None, hindi, {"step": 1, "primary": 0.9}) == "CONTINUE"
+    preempted = {"step": 1, "primary": float("inf"), "checkpoint_reason": "preemption"}
+    assert scheduler.on_trial_result(None, hindi_worse, preempted) == "CONTINUE"
     assert scheduler.on_trial_result(None, hindi_worse, {"step": 1, "primary": 0.95}) == "STOP"
 
 

@@ -53,6 +53,14 @@ def _tune(args: argparse.Namespace) -> None:
     print(json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
+def _compare_cost(args: argparse.Namespace) -> None:
+    from whisper_lora.cost.run import compare_cost
+
+    result = compare_cost(load_config(args.config, args.overrides))
+    print(json.dumps({"measured": result["measured"], "ratios_lora_over_full": result["ratios_lora_over_full"]},
+                     indent=2, ensure_ascii=False))  # fmt: skip
+
+
 def _transcribe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -93,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(
         commands.add_parser("tune", help="the main job: sweep languages × ranks × rates, select, publish")
     ).set_defaults(run=_tune)
+    _with_config(
+        commands.add_parser("compare-cost", help="full fine-tuning vs LoRA: measured, then projected to GPU-hours")
+    ).set_defaults(run=_compare_cost)
     transcribe = commands.add_parser("transcribe", help="transcribe audio files with a published adapter")
     transcribe.add_argument("--adapter", required=True, help="published language directory (path or s3://)")
     transcribe.add_argument("--base", default=None, help="base model spec (default: the manifest's)")

@@ -246,6 +246,55 @@ class PublishConfig(_Section):
     s3_region: str | None = Field(None, description="S3 region; null uses AWS_REGION / AWS_DEFAULT_REGION.")
 
 
+class InstanceConfig(_Section):
+    name: str = Field(..., description="Instance type, e.g. g5.2xlarge.")
+    gpu: str = Field(..., description="Accelerator model, e.g. A10G.")
+    gpus: int = Field(1, ge=1, description="Accelerators per instance.")
+    gpu_memory_gib: float = Field(..., gt=0, description="Memory of one accelerator, GiB.")
+    bf16: bool = Field(True, description="Whether the accelerator computes in bf16 (T4 and V100 do not).")
+    dense_tflops: float = Field(..., gt=0, description="Vendor peak dense 16-bit tensor TFLOP/s of one accelerator.")
+    hourly_usd: float = Field(..., gt=0, description="Price of one instance-hour (on-demand; edit for spot/region).")
+
+
+DEFAULT_INSTANCES = [
+    {"name": "g4dn.xlarge", "gpu": "T4", "gpus": 1, "gpu_memory_gib": 16, "bf16": False, "dense_tflops": 65,
+     "hourly_usd": 0.526},
+    {"name": "g5.2xlarge", "gpu": "A10G", "gpus": 1, "gpu_memory_gib": 24, "dense_tflops": 125, "hourly_usd": 1.212},
+    {"name": "p4d.24xlarge", "gpu": "A100-40GB", "gpus": 8, "gpu_memory_gib": 40, "dense_tflops": 312,
+     "hourly_usd": 32.773},
+]  # fmt: skip
+
+
+class CostConfig(_Section):
+    full_learning_rate: float = Field(
+        1e-5, gt=0, description="Peak learning rate of the full fine-tuning run (LoRA uses train.learning_rate)."
+    )
+    target_size: str = Field("large-v2", description="Whisper size the projection is for (tiny … large-v3).")
+    audio_hours: float = Field(100.0, gt=0, description="Hours of training audio in the projected workload.")
+    epochs: float = Field(3.0, gt=0, description="Passes over that audio.")
+    batch_size: int = Field(8, ge=1, description="Utterances per GPU per step in the projection (memory estimate).")
+    utilisation: float = Field(
+        0.35, gt=0, le=1, description="Assumed fraction of peak TFLOP/s that full fine-tuning reaches (MFU)."
+    )
+    int8_slowdown: float = Field(
+        2.0, ge=1, description="Assumed step-time factor of int8 (bitsandbytes) LoRA over 16-bit LoRA on GPUs."
+    )
+    instances: list[InstanceConfig] = Field(
+        default_factory=lambda: [InstanceConfig(**row) for row in DEFAULT_INSTANCES],
+        min_length=1,
+        description="Instance types to price: name, gpu, gpus, gpu_memory_gib, bf16, dense_tflops, hourly_usd.",
+    )
+
+    @field_validator("target_size")
+    @classmethod
+    def _known_size(cls, value: str) -> str:
+        from whisper_lora.models.sizes import SIZES
+
+        if value not in SIZES:
+            raise ValueError(f"unknown Whisper size {value!r}: known sizes are {', '.join(SIZES)}")
+        return value
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Utterances per greedy-decoding batch.")
     max_utterances: int | None = Field(
@@ -277,6 +326,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="How adapters and base models are scored.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="The Ray Tune sweep: languages × ranks × rates.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Where selected adapters go.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="The full-vs-LoRA comparison and projection.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
 
     @model_validator(mode="after")

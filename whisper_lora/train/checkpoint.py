@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 ADAPTER_DIR = "adapter"
 FULL_WEIGHTS = "model.safetensors"
@@ -55,7 +55,7 @@ def save_checkpoint(
     if isinstance(inner, PeftModel):
         inner.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
     else:
-        save_file({k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}, directory / FULL_WEIGHTS)
+        save_model(inner, str(directory / FULL_WEIGHTS))  # stores the tied output projection once
     tensors, optimizer_rest = _optimizer_tensors(optimizer)
     save_file(tensors, directory / OPTIMIZER)
     state = {
@@ -82,7 +82,7 @@ def load_checkpoint(
     if isinstance(inner, PeftModel):
         set_peft_model_state_dict(inner, load_file(directory / ADAPTER_DIR / "adapter_model.safetensors", device="cpu"))
     else:
-        inner.load_state_dict(load_file(directory / FULL_WEIGHTS, device="cpu"))
+        load_model(inner, str(directory / FULL_WEIGHTS), device=str(device))
     state = json.loads((directory / STATE).read_text())
     tensors = load_file(directory / OPTIMIZER, device=str(device))
     per_param: dict[int, dict] = {}

@@ -71,6 +71,8 @@ class PerLanguageASHA(FIFOScheduler):
         self._of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("checkpoint_reason") == "preemption":
+            return self.CONTINUE  # saved in a hurry, not scored: no grounds to stop a trial
         return self._of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:

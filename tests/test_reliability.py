@@ -1,0 +1,431 @@
+"""What clusters do to a long job, on a local Ray instance with a tiny random Whisper: a worker process killed
+mid-run, a node preemption announced by Ray, a trial that fails once or always, the driver stopped and started
+again, publishing interrupted at each step; plus what must never leak or be unpickled. Run alone with
+``pytest -m reliability`` (the bad-input cases live beside the pipeline and config tests, marked the same)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import whisper_lora.publish as publish
+from tests.conftest import write_clip, write_common_voice
+from tests.test_train import prepared  # noqa: F401  (the 2-worker prepared corpus)
+from whisper_lora.config import ConfigError, load_config, parse_overrides
+from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.publish import open_storage, publish_selection, read_manifest
+from whisper_lora.train.loop import train_loop_per_worker
+from whisper_lora.train.trainer import build_trainer, outcome_of
+from whisper_lora.tune.select import TrialOutcome
+
+pytestmark = pytest.mark.reliability
+ROOT = Path(__file__).resolve().parent.parent
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Train workers cannot import this test module
+REPORT_COLLECTED_S = 5
+"""Ray Train collects reports when it polls the workers (every 2 s): a worker that dies sooner after a report takes
+that report with it, and the run resumes from the checkpoint before. Real steps take longer than the tiny model's."""
+
+
+def _adapter(checkpoint: str) -> dict[str, torch.Tensor]:
+    return load_file(Path(checkpoint) / "adapter" / "adapter_model.safetensors")
+
+
+def _last_checkpoint(result) -> str:
+    return max(result.best_checkpoints, key=lambda pair: pair[1]["step"])[0].path
+
+
+def _deterministic(prepared: list[str], *extra: str):  # noqa: F811
+    # dropout off: a resumed run then computes exactly what an uninterrupted one does
+    return load_config(None, [*prepared, "train.max_steps=6", "train.lora.dropout=0", "train.max_failures=2", *extra])
+
+
+def _faulty(plan: dict, resumed: Path, fault) -> None:
+    """The real worker loop, instrumented inside the worker process: ``fault(step)`` runs after every optimizer
+    step that is not followed by an evaluation (where the loop asks Ray whether a node is being preempted, and
+    the fault's return value is the answer); every resume appends the step it starts from to ``resumed``."""
+    import whisper_lora.train.loop as loop
+
+    load, make_schedule, schedules = loop.load_checkpoint, loop.get_linear_schedule_with_warmup, []
+
+    def record_resume(*args, **kwargs):
+        progress = load(*args, **kwargs)
+        with open(resumed, "a") as handle:
+            handle.write(f"{progress['step']}\n")
+        return progress
+
+    def keep_schedule(*args, **kwargs):
+        schedules.append(make_schedule(*args, **kwargs))
+        return schedules[-1]
+
+    loop.load_checkpoint, loop.get_linear_schedule_with_warmup = record_resume, keep_schedule
+    ray.train.get_preemption_info = lambda: fault(schedules[-1].last_epoch)  # the schedule counts optimizer steps
+    train_loop_per_worker(plan)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_worker_process_killed_mid_epoch_resumes_and_ends_where_a_clean_run_ends(prepared, tmp_path):  # noqa: F811
+    marker, resumed = tmp_path / "killed", tmp_path / "resumed"
+    # batch 1 on 2 workers: 2 steps per epoch; checkpoints at steps 3 (mid-epoch) and 6; the kill after step 5
+    config = _deterministic(prepared, "train.batch_size=1", "train.eval_each_epoch=false", "train.eval_every_steps=3")
+
+    def kill_after_step_5(step: int):
+        if step == 5 and ray.train.get_context().get_world_rank() == 1 and not marker.exists():
+            marker.touch()
+            time.sleep(REPORT_COLLECTED_S)
+            os.kill(os.getpid(), signal.SIGKILL)  # the process dies: no exception, no cleanup
+        return None
+
+    interrupted = build_trainer(config, "hi", "killed-run")
+    interrupted.train_loop_per_worker = lambda plan: _faulty(plan, resumed, kill_after_step_5)
+    result = interrupted.fit()
+    clean = build_trainer(config, "hi", "clean-run").fit()
+
+    assert marker.exists() and set(resumed.read_text().split()) == {"3"}  # both workers restarted from step 3
+    assert result.metrics["step"] == clean.metrics["step"] == 6
+    killed, reference = _adapter(_last_checkpoint(result)), _adapter(_last_checkpoint(clean))
+    assert killed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(killed[name], tensor, rtol=1e-4, atol=1e-6)
+    assert outcome_of(result, "hi", 8).metrics["step"] == outcome_of(clean, "hi", 8).metrics["step"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_announced_preemption_checkpoints_at_once_and_the_run_resumes_from_there(prepared, tmp_path):  # noqa: F811
+    marker, resumed = tmp_path / "preempted", tmp_path / "resumed"
+    # one evaluation, at the end: without the preemption checkpoint a restart would begin again at step 0
+    config = _deterministic(prepared, "train.eval_each_epoch=false")
+
+    def preempt_at_step_4(step: int):
+        if step == 4 and not marker.exists():
+            return ray.train.PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"node": [0, 1]})
+        if step == 5 and not marker.exists():  # the checkpoint is stored: now the node goes
+            time.sleep(REPORT_COLLECTED_S)
+            if ray.train.get_context().get_world_rank() == 0:
+                marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+    trainer = build_trainer(config, "hi", "preempted-run")
+    trainer.train_loop_per_worker = lambda plan: _faulty(plan, resumed, preempt_at_step_4)
+    result = trainer.fit()
+    assert marker.exists() and set(resumed.read_text().split()) == {"4"}
+    reasons = {metrics["step"]: metrics["checkpoint_reason"] for _, metrics in result.best_checkpoints}
+    assert reasons == {4: "preemption", 6: "evaluation"}
+    preemption = next(metrics for _, metrics in result.best_checkpoints if metrics["step"] == 4)
+    assert preemption["primary"] == float("inf")  # no score yet: never selected over an evaluated checkpoint
+    assert outcome_of(result, "hi", 8).metrics["step"] == 6 == result.metrics["step"]
+
+
+# --- publishing interrupted at each step ---------------------------------------------------------------------
+
+
+def _interrupt_copy_midway(monkeypatch):
+    copy = publish.copy_adapter
+
+    def half_copy(source, source_dir, target, target_dir):
+        target.fs.create_dir(target_dir, recursive=True)
+        with target.fs.open_output_stream(f"{target_dir}/adapter_model.safetensors") as writer:
+            writer.write(b"partial")
+        raise OSError("preempted during the adapter upload")
+
+    monkeypatch.setattr(publish, "copy_adapter", half_copy)
+    return copy
+
+
+def _interrupt_second_language(monkeypatch):
+    calls = []
+    upload = publish.publish_adapter
+
+    def one_then_fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError("preempted between two languages' uploads")
+        return upload(*args, **kwargs)
+
+    monkeypatch.setattr(publish, "publish_adapter", one_then_fail)
+
+
+def _interrupt_report(monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("preempted while writing the report")
+
+    monkeypatch.setattr(publish, "write_report", fail)
+
+
+def _interrupt_manifest(monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("preempted before the manifest write")
+
+    monkeypatch.setattr(publish, "write_manifest", fail)
+
+
+@pytest.mark.parametrize(
+    "interrupt",
+    [_interrupt_copy_midway, _interrupt_second_language, _interrupt_report, _interrupt_manifest],
+    ids=["during-adapter-upload", "between-languages", "after-adapters-before-report", "before-manifest"],
+)
+def test_publish_interrupted_at_each_step_leaves_the_previous_manifest_valid(
+    interrupt, tiny_model_dir, tmp_path, monkeypatch
+):
+    checkpoints = _adapters(tiny_model_dir, tmp_path / "checkpoints", ["a", "b", "c", "d"])
+    config = load_config(
+        None,
+        [
+            f"data.source.path={tmp_path}",
+            "data.languages=hi,ta",
+            f"model.base={tiny_model_dir}",
+            f"train.storage_path={tmp_path}",
+            f"publish.storage={tmp_path / 'shared'}",
+            "experiment=pub",
+        ],
+    )
+    base = resolve_base_model(config.model.base, config.model.cache_dir)
+    zero_shot = {language: {"wer": 2.0, "cer": 2.0, "raw_wer": 2.0, "primary": 2.0} for language in ("hi", "ta")}
+    first = {"hi": _outcome("hi-1", "hi", 0.5, checkpoints["a"]), "ta": _outcome("ta-1", "ta", 0.5, checkpoints["b"])}
+    published = publish_selection(config, base, first, zero_shot, list(first.values()))
+    storage = open_storage(config.publish.storage)
+    files_before = _tree(tmp_path / "shared" / "pub" / "adapters")
+
+    better = {"hi": _outcome("hi-2", "hi", 0.3, checkpoints["c"]), "ta": _outcome("ta-2", "ta", 0.3, checkpoints["d"])}
+    interrupt(monkeypatch)
+    with pytest.raises(OSError, match="preempted"):
+        publish_selection(config, base, better, zero_shot, list(better.values()))
+    monkeypatch.undo()
+
+    assert read_manifest(storage, "pub") == published  # readers still see the previous, complete state
+    for entry in published["languages"].values():
+        assert publish.adapter_files(storage, entry["adapter"]) == entry["files"]
+    assert all(_tree(tmp_path / "shared" / "pub" / "adapters")[path] == digest for path, digest in files_before.items())
+
+    again = publish_selection(config, base, better, zero_shot, list(better.values()))  # the rerun completes it
+    assert {entry["trial_id"] for entry in again["languages"].values()} == {"hi-2", "ta-2"}
+    for entry in again["languages"].values():
+        assert publish.adapter_files(storage, entry["adapter"]) == entry["files"]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+def _adapters(tiny_model_dir: str, root: Path, names: list[str]) -> dict[str, str]:
+    from whisper_lora.train.model import LoraSettings, load_for_training
+    from whisper_lora.train.precision import Device, choose_precision
+
+    choice = choose_precision("fp32", Device("cpu"))
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        model = load_for_training(tiny_model_dir, choice, torch.device("cpu"), "lora", LoraSettings(rank=2))
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data.normal_()
+        model.save_pretrained(root / name / "adapter")
+    return {name: str(root / name) for name in names}
+
+
+def _outcome(trial: str, language: str, primary: float, checkpoint: str) -> TrialOutcome:
+    best = {"primary": primary, "wer": primary, "cer": primary, "raw_wer": primary, "utterances": 2, "step": 4}
+    return TrialOutcome(trial, language, 2, 1e-3, 4, best, checkpoint)
+
+
+# --- security: nothing pickled, no credential written -------------------------------------------------------
+
+
+def test_the_product_never_unpickles_or_executes_data():
+    sources = "\n".join(path.read_text() for path in (ROOT / "whisper_lora").rglob("*.py"))
+    forbidden = [
+        r"torch\.load\(",
+        r"import pickle|pickle\.loads?\(",
+        r"yaml\.load\(",
+        r"yaml\.unsafe_load",
+        r"(?<![\w.])eval\(",
+        r"(?<![\w.])exec\(",
+    ]
+    for pattern in forbidden:
+        assert not re.search(pattern, sources), pattern
+    assert "use_safetensors=False" not in sources and "safe_serialization=False" not in sources
+
+
+def test_config_files_are_data_not_code(tmp_path):
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(f"experiment: !!python/object/apply:os.system ['touch {tmp_path}/pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(hostile)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_credentials_from_the_environment_never_reach_logs_reports_or_manifests(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    secrets = {"HF_TOKEN": "hf_secret_token_123", "AWS_SECRET_ACCESS_KEY": "aws-secret-456"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    checkpoints = _adapters(tiny_model_dir, tmp_path / "checkpoints", ["a"])
+    config = load_config(
+        None,
+        [
+            f"data.source.path={tmp_path}",
+            "data.languages=hi",
+            f"model.base={tiny_model_dir}",
+            f"train.storage_path={tmp_path}",
+            f"publish.storage={tmp_path / 'shared'}",
+            "experiment=sec",
+        ],
+    )
+    base = resolve_base_model(config.model.base, config.model.cache_dir)
+    outcome = _outcome("hi-1", "hi", 0.5, checkpoints["a"])
+    failed = TrialOutcome("hi-2", "hi", 4, 1e-3, 8, None, None, error="RuntimeError: out of memory")
+    with caplog.at_level("DEBUG"):
+        publish_selection(config, base, {"hi": outcome}, {"hi": dict(outcome.best)}, [outcome, failed])
+    written = "\n".join(path.read_text(errors="replace") for path in (tmp_path / "shared").rglob("*") if path.is_file())
+    for value in secrets.values():
+        assert value not in written and value not in caplog.text
+    dumped = load_config(None, [f"data.source.path={tmp_path}"]).model_dump_json()
+    assert all(value not in dumped for value in secrets.values())
+
+
+@pytest.mark.ray
+def test_checkpoints_hold_only_safetensors_and_json(prepared, tmp_path):  # noqa: F811
+    result = build_trainer(_deterministic(prepared, "train.max_steps=2"), "hi", "safe-run").fit()
+    for checkpoint, _ in result.best_checkpoints:
+        suffixes = {path.suffix for path in Path(checkpoint.path).rglob("*") if path.is_file()}
+        assert suffixes <= {".safetensors", ".json", ".md"}, suffixes  # peft writes a README.md model card
+
+
+# --- the sweep: trials that fail, a driver that stops -------------------------------------------------------
+
+
+def _sweep_corpus(root: Path, tiny_model_dir: str, rows: dict[str, int]) -> list[str]:
+    """hi and ta clips; ``rows`` train utterances per language (dev and test: 2 each)."""
+    for language, count in rows.items():
+        lines = []
+        for index in range(max(count, 2)):
+            write_clip(root / "cv" / language / "clips" / f"{language}{index}.mp3", 1.0 + 0.2 * index)
+            lines.append((f"{language}{index}.mp3", f"{language} वाक्य {index}"))
+        write_common_voice(root / "cv", language, {"train": lines[:count], "dev": lines[:2], "test": lines[:2]})
+    return [
+        f"data.source.path={root}/cv",
+        f"data.languages={','.join(rows)}",
+        f"model.base={tiny_model_dir}",
+        f"model.cache_dir={root}/models",
+        f"output_dir={root}/runs",
+        f"train.storage_path={root}/ray",
+        f"publish.storage={root}/published",
+        "experiment=rel",
+        "train.batch_size=2",
+        "train.warmup_steps=1",
+        "train.gradient_checkpointing=false",
+        "train.freeze_encoder=true",
+        "eval.batch_size=2",
+        "tune.ranks=2",
+    ]
+
+
+def _train_worker_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_trial_failing_once_is_retried_and_one_failing_always_is_reported(ray_local, tiny_model_dir, tmp_path):
+    from whisper_lora.tune.run import tune_languages
+
+    # ta has one training utterance for batches of 2: its trial fails on every attempt. hi's first Train worker is
+    # killed from here once it has trained a while (no Train-level restarts): the trial fails once, Tune retries it.
+    overrides = _sweep_corpus(tmp_path, tiny_model_dir, {"hi": 4, "ta": 1})
+    config = load_config(None, [*overrides, "train.max_steps=8", "train.max_failures=0", "tune.trial_max_failures=1"])
+    before, killed, stop = _train_worker_pids(), [], threading.Event()
+
+    def kill_first_worker():
+        while not stop.is_set() and not killed:
+            for pid in _train_worker_pids() - before:
+                time.sleep(8)  # mid-training
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    try:
+        manifest = tune_languages(config)
+    finally:
+        stop.set()
+    assert killed, "the hi trial's worker was never seen"
+    assert set(manifest["languages"]) == {"hi"}
+    assert manifest["languages"]["hi"]["train_steps"] == 8
+    [failed] = manifest["failed_trials"]
+    assert failed["language"] == "ta" and "cannot give each" in failed["error"]
+    assert [t["failed"] for t in sorted(manifest["trials"], key=lambda t: t["language"])] == [False, True]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_stopped_driver_resumes_its_sweep_without_retraining_finished_trials(tiny_model_dir, tmp_path):
+    overrides = _sweep_corpus(tmp_path, tiny_model_dir, {"hi": 4, "ta": 4})
+    config_file = tmp_path / "sweep.yaml"
+    tree = parse_overrides([*overrides, "train.max_steps=6", "tune.max_concurrent_trials=1"])
+    config_file.write_text(yaml.safe_dump(tree))
+    command = [sys.executable, "ray_jobs/tune_languages.py", "--config", str(config_file)]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    runs = tmp_path / "ray"
+
+    def finished_train_runs() -> dict[str, list[str]]:
+        """Train runs (one per trial) whose last step's checkpoint exists, with their checkpoint directories."""
+        done = {}
+        for run in runs.glob("rel-train-trial_id=*"):
+            checkpoints = sorted(path.name for path in run.glob("checkpoint_*"))
+            states = [json.loads((run / c / "trainer_state.json").read_text()) for c in checkpoints
+                      if (run / c / "trainer_state.json").is_file()]  # fmt: skip
+            if any(state["progress"]["step"] == 6 for state in states):
+                done[run.name] = checkpoints
+        return done
+
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        # one trial at a time: the first is finished once its last checkpoint exists and the second has begun
+        while time.monotonic() < deadline and driver.poll() is None:
+            if finished_train_runs() and len(list(runs.glob("rel-train-trial_id=*"))) == 2:
+                break
+            time.sleep(1)
+        first = finished_train_runs()
+        assert len(first) == 1, "the first trial did not finish in time"
+        os.killpg(driver.pid, signal.SIGTERM)  # what `ray job stop` sends; its local Ray goes with it
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert not (tmp_path / "published" / "rel" / "manifest.json").exists()
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming sweep" in rerun.stderr
+    after = finished_train_runs()
+    assert len(after) == 2
+    [(name, checkpoints)] = first.items()
+    assert after[name] == checkpoints  # the finished trial was not trained again
+    manifest = read_manifest(open_storage(str(tmp_path / "published")), "rel")
+    assert set(manifest["languages"]) == {"hi", "ta"} and not manifest["failed_trials"]

@@ -1,0 +1,1 @@
+"""Full fine-tuning vs LoRA: parameters, measured cost, projected GPU-hours and money."""
