@@ -1,18 +1,15 @@
-"""Ray Train stage on a tiny random Whisper with 2 CPU workers (gloo DDP): int8 LoRA learns, checkpoints hold
-only the adapter, and a run that dies after step k resumes at k and ends at exactly the planned step count."""
+"""Ray Train stage on a tiny random Whisper with 2 CPU workers (gloo DDP): int8 LoRA learns and checkpoints hold
+only the adapter."""
 
-import json
 from pathlib import Path
 
 import pytest
-import ray.train
 from safetensors.torch import load_file
 
 from tests.conftest import write_clip, write_common_voice
 from whisper_lora.config import load_config
 from whisper_lora.prepare import prepare
-from whisper_lora.train.loop import train_loop_per_worker
-from whisper_lora.train.trainer import build_trainer, outcome_of, train_language
+from whisper_lora.train.trainer import train_language
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 SENTENCES = ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह बारह"]
@@ -70,33 +67,5 @@ def test_int8_lora_learns_a_fixed_batch_and_checkpoints_only_the_adapter(prepare
     assert not list(Path(outcome.best_checkpoint).rglob("model.safetensors"))
 
 
-def test_run_killed_after_step_k_resumes_at_k_and_meets_the_plan(prepared, tmp_path):
-    marker, steps_log = tmp_path / "crashed", tmp_path / "steps.jsonl"
-    # batch 1 on 2 workers: two optimizer steps per epoch, so step 3 ends in the middle of the second epoch
-    config = load_config(
-        None, [*prepared, "train.max_steps=6", "train.max_failures=1", "train.batch_size=1", "train.eval_every_steps=1"]
-    )
-
-    def crash_once_after_step_3(plan: dict) -> None:
-        report = ray.train.report
-
-        def report_then_maybe_crash(metrics, checkpoint=None, **kwargs):
-            report(metrics, checkpoint=checkpoint, **kwargs)
-            if ray.train.get_context().get_world_rank() == 0:
-                with open(steps_log, "a") as handle:
-                    handle.write(json.dumps([metrics["step"], metrics["epoch"]]) + "\n")
-            if metrics["step"] == 3 and not marker.exists():
-                marker.touch()
-                raise RuntimeError("injected worker failure after step 3")
-
-        ray.train.report = report_then_maybe_crash
-        train_loop_per_worker(plan)
-
-    trainer = build_trainer(config, "hi", "resume-run")
-    trainer.train_loop_per_worker = crash_once_after_step_3
-    result = trainer.fit()
-    outcome = outcome_of(result, "hi", 8)
-    assert marker.exists()
-    steps = [tuple(json.loads(line)) for line in steps_log.read_text().splitlines()]
-    assert steps == [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2), (6, 3)]  # (step, epochs completed): no step repeated
-    assert outcome.final_metrics["step"] == 6
+# Resuming after a worker dies (at step k, from the checkpoint before it, ending at exactly the planned step count
+# with the weights of an uninterrupted run) is in tests/test_reliability.py.

@@ -233,6 +233,18 @@ def test_trial_outcome_uses_the_best_checkpointed_report():
     assert isinstance(outcome.best["utterances"], int)
 
 
+def test_best_report_skips_deleted_and_preemption_checkpoints_and_prefers_the_later_tie():
+    report = {"wer": 0.5, "cer": 0.2, "raw_wer": 0.5, "utterances": 2}
+    reports = [
+        {**report, "step": 2, "primary": 0.4, "checkpoint_path": "/c/2"},  # deleted by Ray's keep policy
+        {**report, "step": 4, "primary": 0.5, "checkpoint_path": "/c/4"},
+        {**report, "step": 6, "primary": 0.5, "checkpoint_path": "/c/6"},
+        {**report, "step": 7, "primary": 0.5, "checkpoint_path": "/c/7", "checkpoint_reason": "preemption"},
+    ]
+    outcome = outcome_of("t", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None, "/c/2".__ne__)
+    assert outcome.checkpoint == "/c/6" and outcome.best["step"] == 6
+
+
 class _Trial:
     def __init__(self, trial_id: str, language: str) -> None:
         self.trial_id, self.config = trial_id, {"language": language}

@@ -222,6 +222,8 @@ class TuneConfig(_Section):
     @field_validator("ranks", "learning_rates", "alphas", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, int | float):
+            return [value]  # `tune.ranks=8` on the command line: one value
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @field_validator("ranks", "alphas")

@@ -292,7 +292,7 @@ def _report(worker: _Worker, progress: dict, window: dict, scoring: bool) -> Non
         worker.model.train()
     else:
         log.warning("node preemption announced: checkpointing at step %d before it goes", progress["step"])
-    # a preemption checkpoint carries the last evaluation's scores (never better than the checkpoint they belong
-    # to: selection breaks ties by the earlier step), or +inf before any evaluation
+    # a preemption checkpoint carries the last evaluation's scores (so Ray's keep-the-best policy keeps it beside
+    # that evaluated one), or +inf before any evaluation; selection never picks it (``tune.select``)
     metrics.update(worker.scores or {"wer": math.inf, "cer": math.inf, "raw_wer": math.inf, "primary": math.inf})
     worker.checkpoint(progress, metrics)

@@ -12,13 +12,14 @@ import json
 import logging
 import re
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 
 from whisper_lora.config import RunConfig
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.prepare import ensure_prepared
-from whisper_lora.publish import publish_selection
+from whisper_lora.publish import open_storage, publish_selection
 from whisper_lora.ray_runtime import init_ray
 from whisper_lora.train.trainer import training_data, use_gpu
 from whisper_lora.tune.search import max_concurrent_trials, param_space, scheduler
@@ -73,13 +74,19 @@ def _trial_id(result) -> str:
     return match.group(1) if match else result.path.rsplit("/", 1)[-1]
 
 
-def outcomes_of(grid: tune.ResultGrid) -> list[TrialOutcome]:
+def outcomes_of(grid: tune.ResultGrid, train_storage: str) -> list[TrialOutcome]:
+    """Every trial's outcome; its best report is one whose checkpoint Ray still keeps in ``train_storage``."""
+    storage = open_storage(train_storage)
+
+    def exists(path: str) -> bool:
+        return storage.fs.get_file_info(path).type == pafs.FileType.Directory
+
     outcomes = []
     for result in grid:
         frame = result.metrics_dataframe
         reports = frame.to_dict("records") if frame is not None else []
         error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"
-        outcomes.append(outcome_of(_trial_id(result), result.config, reports, error))
+        outcomes.append(outcome_of(_trial_id(result), result.config, reports, error, exists))
     return outcomes
 
 
@@ -92,7 +99,7 @@ def tune_languages(config: RunConfig) -> dict:
     gpu = use_gpu(config)
     data_root = training_data(config, base, config.data.languages, gpu)
     zero_shot = zero_shot_scores(config, base, data_root, gpu)
-    outcomes = outcomes_of(run_sweep(config, gpu))
+    outcomes = outcomes_of(run_sweep(config, gpu), config.train.storage_uri)
     for outcome in outcomes:
         if outcome.failed:
             log.warning(

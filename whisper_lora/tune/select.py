@@ -1,10 +1,12 @@
 """Which trial's adapter each language publishes: the lowest primary metric on the eval split, ties to the
-smaller rank (fewer parameters, same quality), then the lower learning rate and the earlier step."""
+smaller rank (fewer parameters, same quality), then the lower learning rate. Within a trial, the best evaluated
+checkpoint that still exists (Ray keeps only ``train.checkpoints_to_keep``), ties to the later step, as Ray's own
+keep policy does; checkpoints taken for a preemption carry no score of their own and are never selected."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 SCORE_KEYS = ("primary", "wer", "cer", "raw_wer", "utterances", "step", "epoch")
@@ -32,16 +34,30 @@ class TrialOutcome:
         return asdict(self)
 
 
-def best_report(reports: Iterable[dict]) -> dict | None:
-    """The best report that came with a checkpoint; ties go to the earlier step."""
-    candidates = [
-        r for r in reports if r.get("checkpoint_path") and r.get("primary") is not None and not math.isnan(r["primary"])
-    ]
-    return min(candidates, key=lambda r: (r["primary"], r["step"]), default=None)
+def _scored(report: dict) -> bool:
+    primary = report.get("primary")
+    return (
+        bool(report.get("checkpoint_path"))
+        and report.get("checkpoint_reason") != "preemption"
+        and primary is not None
+        and not math.isnan(primary)
+    )
 
 
-def outcome_of(trial_id: str, params: dict, reports: list[dict], error: str | None) -> TrialOutcome:
-    best = best_report(reports)
+def best_report(reports: Iterable[dict], exists: Callable[[str], bool] = lambda path: True) -> dict | None:
+    """The best evaluated report whose checkpoint still ``exists``; ties go to the later step."""
+    ranked = sorted(filter(_scored, reports), key=lambda r: (r["primary"], -r["step"]))
+    return next((report for report in ranked if exists(report["checkpoint_path"])), None)
+
+
+def outcome_of(
+    trial_id: str,
+    params: dict,
+    reports: list[dict],
+    error: str | None,
+    exists: Callable[[str], bool] = lambda path: True,
+) -> TrialOutcome:
+    best = best_report(reports, exists)
     return TrialOutcome(
         trial_id=trial_id,
         language=params["language"],
