@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,13 +18,12 @@ from pathlib import Path
 import pytest
 import ray.train
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import whisper_lora.publish as publish
 from tests.conftest import write_clip, write_common_voice
 from tests.test_train import prepared  # noqa: F401  (the 2-worker prepared corpus)
-from whisper_lora.config import ConfigError, load_config, parse_overrides
+from whisper_lora.config import ConfigError, load_config
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.publish import open_storage, publish_selection, read_manifest
 from whisper_lora.train.loop import train_loop_per_worker
@@ -378,52 +376,5 @@ def test_a_trial_failing_once_is_retried_and_one_failing_always_is_reported(ray_
     assert [t["failed"] for t in sorted(manifest["trials"], key=lambda t: t["language"])] == [False, True]
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_a_stopped_driver_resumes_its_sweep_without_retraining_finished_trials(tiny_model_dir, tmp_path):
-    overrides = _sweep_corpus(tmp_path, tiny_model_dir, {"hi": 4})
-    config_file = tmp_path / "sweep.yaml"
-    tree = parse_overrides([*overrides, "train.max_steps=6", "tune.ranks=2,4", "tune.max_concurrent_trials=1"])
-    config_file.write_text(yaml.safe_dump(tree))
-    command = [sys.executable, "ray_jobs/tune_languages.py", "--config", str(config_file)]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    runs = tmp_path / "ray"
-
-    def finished_train_runs() -> dict[str, list[str]]:
-        """Train runs (one per trial) whose last step's checkpoint exists, with their checkpoint directories."""
-        done = {}
-        for run in runs.glob("rel-train-trial_id=*"):
-            checkpoints = sorted(path.name for path in run.glob("checkpoint_*"))
-            states = [json.loads((run / c / "trainer_state.json").read_text()) for c in checkpoints
-                      if (run / c / "trainer_state.json").is_file()]  # fmt: skip
-            if any(state["progress"]["step"] == 6 for state in states):
-                done[run.name] = checkpoints
-        return done
-
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 600
-        # one trial at a time: the first is finished once its last checkpoint exists and the second has begun
-        while time.monotonic() < deadline and driver.poll() is None:
-            if finished_train_runs() and len(list(runs.glob("rel-train-trial_id=*"))) == 2:
-                break
-            time.sleep(1)
-        first = finished_train_runs()
-        assert len(first) == 1, "the first trial did not finish in time"
-        os.killpg(driver.pid, signal.SIGTERM)  # what `ray job stop` sends; its local Ray goes with it
-        driver.wait(timeout=120)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert not (tmp_path / "published" / "rel" / "manifest.json").exists()
-
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming sweep" in rerun.stderr
-    after = finished_train_runs()
-    assert len(after) == 2
-    [(name, checkpoints)] = first.items()
-    assert after[name] == checkpoints  # the finished trial was not trained again
-    manifest = read_manifest(open_storage(str(tmp_path / "published")), "rel")
-    assert set(manifest["languages"]) == {"hi"} and len(manifest["trials"]) == 2 and not manifest["failed_trials"]
+# The driver stopped and started again (`ray job stop`, `ray job submit`) is tested on the job-submitted sweep in
+# tests/test_tune.py (test_a_stopped_job_resumes_its_sweep_without_retraining_finished_trials).

@@ -112,45 +112,77 @@ def ray_head(tmp_path_factory):
         head.wait(timeout=60)
 
 
+def _finished_train_runs(storage: Path, max_steps: int) -> dict[str, list[str]]:
+    """Train runs (one per trial) whose last step is checkpointed, with their checkpoint directories."""
+    done = {}
+    for run in storage.glob("*-train-trial_id=*"):
+        states = sorted(run.glob("checkpoint_*/trainer_state.json"))
+        if any(json.loads(state.read_text())["progress"]["step"] == max_steps for state in states):
+            done[run.name] = sorted(state.parent.name for state in states)
+    return done
+
+
 @pytest.fixture(scope="module")
 def swept(ray_head, tiny_model_dir, tmp_path_factory):
-    """The main job, submitted with ``ray job submit`` as its docstring says, on the tiny model."""
+    """The main job, submitted with ``ray job submit`` as its docstring says, on the tiny model; stopped with
+    ``ray job stop`` once its first trial has finished and submitted again, as an operator would after a
+    driver failure. Returns the config, the manifest, the second submission's output, and the Train runs that had
+    finished before the stop (with their checkpoints then, and now)."""
     address, env = ray_head
+    env = {**env, "RAY_AUTH_MODE": "token"}
+    ray_cli = str(Path(sys.executable).parent / "ray")
     root = tmp_path_factory.mktemp("tune")
     config_file = root / "sweep.yaml"
     config_file.write_text(yaml.safe_dump(_as_tree(_overrides(root, tiny_model_dir))))
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        ".",
-        "--",
-        "python",
-        "ray_jobs/tune_languages.py",
-        "--config",
-        str(config_file),
-    ]
-    for _ in range(15):  # the dashboard answers before the node's job agent is up
-        submitted = subprocess.run(
-            command, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900
-        )
-        if "No available agent" not in submitted.stdout + submitted.stderr:
-            break
-        time.sleep(2)
-    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-    assert "succeeded" in submitted.stdout + submitted.stderr
     config = load_config(config_file)
-    storage = open_storage(config.publish.storage)
-    return config, read_manifest(storage, config.experiment)
+    job = ["--address", address, "--working-dir", ".", "--", "python", "ray_jobs/tune_languages.py"]
+    job += ["--config", str(config_file)]
+
+    def submit(*options: str) -> subprocess.CompletedProcess:
+        for _ in range(15):  # the dashboard answers before the node's job agent is up
+            submitted = subprocess.run([ray_cli, "job", "submit", *options, *job], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, timeout=900)  # fmt: skip
+            if "No available agent" not in submitted.stdout + submitted.stderr:
+                return submitted
+            time.sleep(2)
+        return submitted
+
+    first = submit("--submission-id", "sweep-1", "--no-wait")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    storage, steps = Path(config.train.storage_path), config.train.max_steps
+    deadline = time.monotonic() + 600
+    while not _finished_train_runs(storage, steps) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    finished_before = _finished_train_runs(storage, steps)
+    stopped = subprocess.run([ray_cli, "job", "stop", "--address", address, "sweep-1"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert 1 <= len(finished_before) < 4, finished_before  # stopped in the middle of the sweep
+    assert not (Path(config.publish.storage) / config.experiment / MANIFEST).exists()
+
+    second = submit("--submission-id", "sweep-2")
+    output = second.stdout + second.stderr
+    assert second.returncode == 0 and "succeeded" in output, output[-8000:]
+    finished_after = _finished_train_runs(storage, steps)
+    runs = {name: (checkpoints, finished_after.get(name)) for name, checkpoints in finished_before.items()}
+    return config, read_manifest(open_storage(config.publish.storage), config.experiment), output, runs
+
+
+@pytest.mark.ray
+@pytest.mark.reliability
+@pytest.mark.timeout(900)
+def test_a_stopped_job_resumes_its_sweep_without_retraining_finished_trials(swept):
+    _, manifest, output, runs = swept
+    assert "resuming sweep" in output
+    for name, (before, after) in runs.items():
+        assert after == before, name  # no new checkpoint: the finished trial was not trained again
+    assert len(manifest["trials"]) == 4 and not manifest["failed_trials"]
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_sweep_publishes_one_verified_adapter_per_language(swept):
-    config, manifest = swept
+    config, manifest, _, _ = swept
     published = Path(config.publish.storage).resolve() / config.experiment
     assert sorted(manifest["languages"]) == ["hi", "ta"]
     assert len(manifest["trials"]) == 4 and not manifest["failed_trials"]
@@ -177,7 +209,7 @@ def test_sweep_publishes_one_verified_adapter_per_language(swept):
 def test_a_downstream_job_transcribes_with_the_published_adapter(swept, tmp_path):
     from whisper_lora.transcribe import PublishedAdapterError, transcribe_files
 
-    config, manifest = swept
+    config, manifest, _, _ = swept
     clip = write_clip(tmp_path / "a.wav", 1.5, rate=16_000, fmt="WAV")
     adapter = manifest["languages"]["hi"]["adapter"]
     [(path, text)] = transcribe_files(adapter, [str(clip)], config.model.cache_dir)
