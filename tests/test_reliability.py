@@ -323,7 +323,6 @@ def _sweep_corpus(root: Path, tiny_model_dir: str, rows: dict[str, int]) -> list
         "train.batch_size=2",
         "train.warmup_steps=1",
         "train.gradient_checkpointing=false",
-        "train.freeze_encoder=true",
         "eval.batch_size=2",
         "tune.ranks=2",
     ]

@@ -23,6 +23,8 @@ from whisper_lora.cost.parameters import ParameterBudget
 from whisper_lora.models.sizes import ENCODER_POSITIONS, SIZES
 from whisper_lora.train.precision import Device, choose_precision
 
+PEFT_T4_SAMPLES_PER_SECOND = 0.897
+"""The one published throughput this projection can be held against (large-v2, int8 LoRA, T4, batch 8)."""
 FULL_STATE_BYTES = 16
 """fp32 weight + fp32 gradient + AdamW's two fp32 moments, per trained parameter."""
 RUNTIME_OVERHEAD_GIB = 1.5
@@ -165,4 +167,6 @@ def assumptions(cost: CostConfig, work: Workload, ratio: float, measured_on: str
         f"{FULL_STATE_BYTES} bytes per adapter parameter; activations {ACTIVATION_BYTES}-byte with gradient "
         f"checkpointing and SDPA attention; {RUNTIME_OVERHEAD_GIB} GiB runtime overhead per GPU",
         "prices: on-demand list prices in the config (edit cost.instances for spot, reserved or other regions)",
+        f"a published point to compare with: {PEFT_T4_SAMPLES_PER_SECOND} samples/s for large-v2 int8 LoRA on a T4 at "
+        "batch 8 (the PEFT int8 Whisper notebook)",
     ]

@@ -39,6 +39,10 @@ def lora_settings(config: RunConfig) -> LoraSettings:
     return LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, target_modules(lora.target_modules))
 
 
+def _names(target_modules: tuple[str, ...] | str) -> str:
+    return target_modules if isinstance(target_modules, str) else ", ".join(target_modules)
+
+
 def budget_row(budget: ParameterBudget) -> dict:
     return {
         "base": budget.base,
@@ -94,7 +98,7 @@ def compare_cost(config: RunConfig) -> dict:
         "eval_split": config.data.eval_split,
         "metric": get_language(language).primary_metric,
         "zero_shot": {key: before[key] for key in ("wer", "cer", "primary")},
-        "lora": {"rank": settings.rank, "alpha": settings.alpha, "target_modules": settings.target_modules},
+        "lora": {"rank": settings.rank, "alpha": settings.alpha, "target_modules": _names(settings.target_modules)},
         "measured": {mode: m.to_dict() for mode, m in measured.items()},
         "ratios_lora_over_full": {
             key: getattr(lora, key) / getattr(full, key)
