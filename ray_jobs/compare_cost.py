@@ -5,8 +5,8 @@ the same Ray Train loop, full fine-tuning and LoRA, measures both (parameters, s
 checkpoint bytes, WER/CER before and after), counts parameters for every Whisper size from configs alone, and
 projects GPU-hours and money for the workload in the config's ``cost`` section. Writes
 ``<output_dir>/<experiment>/cost/cost.{md,csv,json,png}``. Without a cluster,
-``python ray_jobs/compare_cost.py --config ray_jobs/configs/compare_cost.yaml`` runs it here (about 8 minutes on
-2 CPU cores with whisper-base). Recipe only: the components in ``whisper_lora.cost`` hold the logic.
+``python ray_jobs/compare_cost.py --config ray_jobs/configs/compare_cost.yaml`` runs it here (about 14 minutes
+on 2 CPU cores with whisper-base). Recipe only: the components in ``whisper_lora.cost`` hold the logic.
 """
 
 import sys

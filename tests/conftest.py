@@ -100,3 +100,22 @@ def ray_local():
     ray.init(address="local", num_cpus=4, object_store_memory=2**30, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def random_adapters(tiny_model_dir: str, root: Path, names: list[str]) -> dict[str, str]:
+    """Checkpoint-like directories ``<root>/<name>/adapter/`` holding rank-2 LoRA adapters with random weights
+    (one seed per name), for publishing tests; returns name → checkpoint directory."""
+    import torch
+
+    from whisper_lora.train.model import LoraSettings, load_for_training
+    from whisper_lora.train.precision import Device, choose_precision
+
+    choice = choose_precision("fp32", Device("cpu"))
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        model = load_for_training(tiny_model_dir, choice, torch.device("cpu"), "lora", LoraSettings(rank=2))
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data.normal_()
+        model.save_pretrained(root / name / "adapter")
+    return {name: str(root / name) for name in names}

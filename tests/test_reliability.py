@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import whisper_lora.publish as publish
-from tests.conftest import write_clip, write_common_voice
+from tests.conftest import random_adapters, write_clip, write_common_voice
 from tests.test_train import prepared  # noqa: F401  (the 2-worker prepared corpus)
 from whisper_lora.config import ConfigError, load_config
 from whisper_lora.models.resolve import resolve_base_model
@@ -184,7 +184,7 @@ def _interrupt_manifest(monkeypatch):
 def test_publish_interrupted_at_each_step_leaves_the_previous_manifest_valid(
     interrupt, tiny_model_dir, tmp_path, monkeypatch
 ):
-    checkpoints = _adapters(tiny_model_dir, tmp_path / "checkpoints", ["a", "b", "c", "d"])
+    checkpoints = random_adapters(tiny_model_dir, tmp_path / "checkpoints", ["a", "b", "c", "d"])
     config = load_config(
         None,
         [
@@ -224,21 +224,6 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 
-def _adapters(tiny_model_dir: str, root: Path, names: list[str]) -> dict[str, str]:
-    from whisper_lora.train.model import LoraSettings, load_for_training
-    from whisper_lora.train.precision import Device, choose_precision
-
-    choice = choose_precision("fp32", Device("cpu"))
-    for seed, name in enumerate(names):
-        torch.manual_seed(seed)
-        model = load_for_training(tiny_model_dir, choice, torch.device("cpu"), "lora", LoraSettings(rank=2))
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.data.normal_()
-        model.save_pretrained(root / name / "adapter")
-    return {name: str(root / name) for name in names}
-
-
 def _outcome(trial: str, language: str, primary: float, checkpoint: str) -> TrialOutcome:
     best = {"primary": primary, "wer": primary, "cer": primary, "raw_wer": primary, "utterances": 2, "step": 4}
     return TrialOutcome(trial, language, 2, 1e-3, 4, best, checkpoint)
@@ -276,7 +261,7 @@ def test_credentials_from_the_environment_never_reach_logs_reports_or_manifests(
     secrets = {"HF_TOKEN": "hf_secret_token_123", "AWS_SECRET_ACCESS_KEY": "aws-secret-456"}
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
-    checkpoints = _adapters(tiny_model_dir, tmp_path / "checkpoints", ["a"])
+    checkpoints = random_adapters(tiny_model_dir, tmp_path / "checkpoints", ["a"])
     config = load_config(
         None,
         [

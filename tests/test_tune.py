@@ -19,12 +19,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_clip, write_common_voice
+from tests.conftest import random_adapters, write_clip, write_common_voice
 from whisper_lora.config import load_config
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.publish import MANIFEST, open_storage, publish_selection, read_manifest
-from whisper_lora.train.model import LoraSettings, load_for_training
-from whisper_lora.train.precision import Device, choose_precision
 from whisper_lora.tune.search import PerLanguageASHA, max_concurrent_trials, trial_config
 from whisper_lora.tune.select import TrialOutcome, outcome_of, select_best
 
@@ -312,14 +310,7 @@ def test_trial_config_and_concurrency(tmp_path):
 def checkpoints(tiny_model_dir, tmp_path_factory) -> Path:
     """Two checkpoint directories (``<name>/adapter/``) with different LoRA weights."""
     root = tmp_path_factory.mktemp("checkpoints")
-    choice = choose_precision("fp32", Device("cpu"))
-    for seed, name in enumerate(("good", "worse")):
-        torch.manual_seed(seed)
-        model = load_for_training(tiny_model_dir, choice, torch.device("cpu"), "lora", LoraSettings(rank=2))
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.data.normal_()
-        model.save_pretrained(root / name / "adapter")
+    random_adapters(tiny_model_dir, root, ["good", "worse"])
     return root
 
 
