@@ -111,12 +111,17 @@ def ray_head(tmp_path_factory):
 
 
 def _finished_train_runs(storage: Path, max_steps: int) -> dict[str, list[str]]:
-    """Train runs (one per trial) whose last step is checkpointed, with their checkpoint directories."""
+    """Train runs (one per trial) whose last step's checkpoint Ray has registered (its snapshot names it: a
+    checkpoint directory can exist before Ray takes the report, and one it never took is not finished), with the
+    checkpoints it registered."""
     done = {}
-    for run in storage.glob("*-train-trial_id=*"):
-        states = sorted(run.glob("checkpoint_*/trainer_state.json"))
-        if any(json.loads(state.read_text())["progress"]["step"] == max_steps for state in states):
-            done[run.name] = sorted(state.parent.name for state in states)
+    for snapshot in storage.glob("*-train-trial_id=*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError):
+            continue  # being written
+        if any(result["metrics"]["step"] == max_steps for result in results):
+            done[snapshot.parent.name] = sorted(result["checkpoint_dir_name"] for result in results)
     return done
 
 
