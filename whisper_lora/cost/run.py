@@ -21,8 +21,7 @@ from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.models.sizes import SIZES, size_of
 from whisper_lora.prepare import ensure_prepared
 from whisper_lora.ray_runtime import init_ray
-from whisper_lora.train.model import LoraSettings, target_modules
-from whisper_lora.train.trainer import training_data, use_gpu
+from whisper_lora.train.trainer import lora_settings, training_data, use_gpu
 from whisper_lora.tune.zero_shot import zero_shot_scores
 
 log = logging.getLogger(__name__)
@@ -32,11 +31,6 @@ def mean_label_tokens(directory: Path) -> float:
     """Mean label length (prompt, text and end tokens) of a prepared split."""
     lengths = pq.read_table(directory, columns=["label_ids"]).column("label_ids").combine_chunks().value_lengths()
     return float(lengths.to_numpy().mean())
-
-
-def lora_settings(config: RunConfig) -> LoraSettings:
-    lora = config.train.lora
-    return LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, target_modules(lora.target_modules))
 
 
 def _names(target_modules: tuple[str, ...] | str) -> str:

@@ -56,6 +56,12 @@ def train_rows(config: Config, language: str) -> int:
     return groups[key]["rows_out"]
 
 
+def lora_settings(config: Config) -> LoraSettings:
+    """The configured adapter shape (alpha defaults to 2 × rank)."""
+    lora = config.train.lora
+    return LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, target_modules(lora.target_modules))
+
+
 def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_dir: str) -> WorkerPlan:
     """The plan every worker follows; fails early when the data cannot fill one optimizer step per worker."""
     train = config.train
@@ -65,7 +71,6 @@ def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_d
             f"{language}: {rows} training rows cannot give each of {train.num_workers} workers "
             f"{train.grad_accum} batch(es) of {train.batch_size}; lower train.batch_size or train.num_workers"
         )
-    lora = train.lora
     return WorkerPlan(
         base_path=base_path,
         language=language,
@@ -73,7 +78,7 @@ def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_d
         eval_dir=eval_dir,
         mode=train.mode,
         precision=train.precision,
-        lora=LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, target_modules(lora.target_modules)),
+        lora=lora_settings(config),
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         warmup_steps=train.warmup_steps,
