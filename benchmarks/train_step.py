@@ -24,9 +24,8 @@ import torch
 
 from whisper_lora.config import load_config
 from whisper_lora.data.collate import collate
-from whisper_lora.data.prepared import iter_batches, split_dir
+from whisper_lora.data.prepared import iter_batches, prepared_dir, split_dir
 from whisper_lora.models.resolve import resolve_base_model
-from whisper_lora.prepare import prepared_dir
 from whisper_lora.train.model import LoraSettings, count_parameters, load_for_training
 from whisper_lora.train.precision import Device, choose_precision
 
@@ -72,10 +71,10 @@ def in_child(*args) -> dict:
 
 def ray_loop(config) -> dict:
     from whisper_lora.ray_runtime import init_ray
-    from whisper_lora.train.trainer import train_language
+    from whisper_lora.train.trainer import train_one_language
 
     init_ray(config.ray)
-    outcome = train_language(config)
+    outcome = train_one_language(config)
     metrics = outcome.final_metrics
     return {
         "mode": "ray train fp32 (1 worker)",

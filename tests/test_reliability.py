@@ -27,7 +27,7 @@ from whisper_lora.config import ConfigError, load_config
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.publish import open_storage, publish_selection, read_manifest
 from whisper_lora.train.loop import train_loop_per_worker
-from whisper_lora.train.trainer import build_trainer, outcome_of
+from whisper_lora.train.trainer import best_of_run, build_trainer
 from whisper_lora.tune.select import TrialOutcome
 
 pytestmark = pytest.mark.reliability
@@ -99,7 +99,7 @@ def test_worker_process_killed_mid_epoch_resumes_and_ends_where_a_clean_run_ends
     assert killed.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(killed[name], tensor, rtol=1e-4, atol=1e-6)
-    assert outcome_of(result, "hi", 8).metrics["step"] == outcome_of(clean, "hi", 8).metrics["step"]
+    assert best_of_run(result, "hi", 8).metrics["step"] == best_of_run(clean, "hi", 8).metrics["step"]
     for checkpoint, _ in result.best_checkpoints:  # safetensors and JSON only (and peft's README.md model card)
         suffixes = {path.suffix for path in Path(checkpoint.path).rglob("*") if path.is_file()}
         assert suffixes <= {".safetensors", ".json", ".md"}, suffixes
@@ -130,7 +130,7 @@ def test_announced_preemption_checkpoints_at_once_and_the_run_resumes_from_there
     assert reasons == {4: "preemption", 6: "evaluation"}
     preemption = next(metrics for _, metrics in result.best_checkpoints if metrics["step"] == 4)
     assert preemption["primary"] == float("inf")  # no score yet: never selected over an evaluated checkpoint
-    assert outcome_of(result, "hi", 8).metrics["step"] == 6 == result.metrics["step"]
+    assert best_of_run(result, "hi", 8).metrics["step"] == 6 == result.metrics["step"]
 
 
 # --- publishing interrupted at each step ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tests.conftest import write_clip, write_common_voice
 from whisper_lora.config import load_config
 from whisper_lora.prepare import prepare
-from whisper_lora.train.trainer import train_language
+from whisper_lora.train.trainer import train_one_language
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 SENTENCES = ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह बारह"]
@@ -57,7 +57,7 @@ def test_int8_lora_learns_a_fixed_batch_and_checkpoints_only_the_adapter(prepare
             "train.eval_every_steps=3",
         ],
     )
-    outcome = train_language(config)
+    outcome = train_one_language(config)
     assert outcome.final_metrics["step"] == 30
     losses = [metrics["loss"] for metrics in sorted(outcome.reported, key=lambda m: m["step"])]
     assert len(losses) == 10 and losses[-1] <= 0.5 * losses[0]

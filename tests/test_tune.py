@@ -24,7 +24,7 @@ from whisper_lora.config import load_config
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.publish import MANIFEST, open_storage, publish_selection, read_manifest
 from whisper_lora.tune.search import PerLanguageASHA, max_concurrent_trials, trial_config
-from whisper_lora.tune.select import TrialOutcome, outcome_of, select_best
+from whisper_lora.tune.select import TrialOutcome, select_best, trial_outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = {
@@ -263,7 +263,7 @@ def test_trial_outcome_uses_the_best_checkpointed_report():
         },
         {"step": 4, "primary": 0.1, "loss": 1.0},  # no checkpoint with it: not selectable
     ]
-    outcome = outcome_of("t1", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None)
+    outcome = trial_outcome("t1", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None)
     assert outcome.checkpoint == "/c/4" and outcome.best["primary"] == 0.3 and outcome.alpha == 16
     assert isinstance(outcome.best["utterances"], int)
 
@@ -276,7 +276,7 @@ def test_best_report_skips_deleted_and_preemption_checkpoints_and_prefers_the_la
         {**report, "step": 6, "primary": 0.5, "checkpoint_path": "/c/6"},
         {**report, "step": 7, "primary": 0.5, "checkpoint_path": "/c/7", "checkpoint_reason": "preemption"},
     ]
-    outcome = outcome_of("t", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None, "/c/2".__ne__)
+    outcome = trial_outcome("t", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None, "/c/2".__ne__)
     assert outcome.checkpoint == "/c/6" and outcome.best["step"] == 6
 
 

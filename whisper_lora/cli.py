@@ -19,7 +19,8 @@ def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from whisper_lora.prepare import prepare, prepared_dir
+    from whisper_lora.data.prepared import prepared_dir
+    from whisper_lora.prepare import prepare
 
     config = load_config(args.config, args.overrides)
     stats = prepare(config)
@@ -37,11 +38,11 @@ def _train(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from whisper_lora.ray_runtime import init_ray
-    from whisper_lora.train.trainer import train_language
+    from whisper_lora.train.trainer import train_one_language
 
     config = load_config(args.config, args.overrides)
     init_ray(config.ray)
-    outcome = train_language(config)
+    outcome = train_one_language(config)
     summary = {key: value for key, value in asdict(outcome).items() if key != "reported"}
     print(json.dumps({"adapter": outcome.adapter_dir, **summary}, indent=2, ensure_ascii=False, default=str))
 

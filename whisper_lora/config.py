@@ -319,7 +319,7 @@ class RayConfig(_Section):
     object_store_gib: float = Field(1.0, gt=0, description="Object store size of a local instance, GiB.")
 
 
-class RunConfig(_Section):
+class JobConfig(_Section):
     experiment: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$", description="Experiment name: names outputs.")
     output_dir: Path = Field(Path("artifacts/runs"), description="Local directory for prepared data and reports.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
@@ -332,12 +332,12 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
 
     @model_validator(mode="after")
-    def _train_language_configured(self) -> RunConfig:
+    def _train_language_configured(self) -> JobConfig:
         if self.train.language is not None and self.train.language not in self.data.languages:
             raise ValueError(f"train.language {self.train.language!r} is not in data.languages {self.data.languages}")
         return self
 
-    def with_absolute_paths(self) -> RunConfig:
+    def with_absolute_paths(self) -> JobConfig:
         """This config with every local path made absolute: what processes with another working directory
         (Tune trials, Train workers, Ray Data tasks) are given."""
         tree = self.model_dump(mode="json")
@@ -348,7 +348,7 @@ class RunConfig(_Section):
         tree["data"]["source"]["path"] = _absolute(tree["data"]["source"]["path"])
         tree["train"]["storage_path"] = _absolute(tree["train"]["storage_path"])
         tree["publish"]["storage"] = _absolute(tree["publish"]["storage"])
-        return RunConfig.model_validate(tree)
+        return JobConfig.model_validate(tree)
 
     @property
     def train_language(self) -> str:
@@ -404,7 +404,7 @@ def _describe(error: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Read ``path`` (YAML), apply ``overrides`` and validate; raises ``ConfigError`` naming each bad field."""
     tree: dict[str, Any] = {}
     if path is not None:
@@ -419,12 +419,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         tree = loaded
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
-        return RunConfig.model_validate(tree)
+        return JobConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
 
 
-def explain(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+def explain(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
     """One line per field, dotted name and description: the config reference."""
     lines = []
     for name, info in model.model_fields.items():

@@ -28,18 +28,17 @@ from ray.data.datasource import Partitioning
 from ray.data.extensions import ArrowTensorArray
 from transformers import WhisperForConditionalGeneration
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 from whisper_lora.data.collate import stack_features
-from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, split_dir, split_files
+from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir, split_dir, split_files
 from whisper_lora.models.resolve import ResolvedModel
-from whisper_lora.prepare import prepared_dir
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 8
 CPU_THREADS_PER_ACTOR = 1
 
 
-def encoded_root(config: RunConfig, model: ResolvedModel) -> Path:
+def encoded_root(config: JobConfig, model: ResolvedModel) -> Path:
     return config.run_dir / "encoded" / model.sha256[:12]
 
 
@@ -70,7 +69,7 @@ class EncodeBatch:
         return pa.table(columns)
 
 
-def _source(config: RunConfig, model: ResolvedModel, language: str, split: str) -> dict:
+def _source(config: JobConfig, model: ResolvedModel, language: str, split: str) -> dict:
     """What an encoded split depends on: the model's content and the prepared split's files."""
     files = split_files(split_dir(prepared_dir(config), language, split))
     return {"model_sha256": model.sha256, "language": language, "split": split, "prepared_files": files}
@@ -102,7 +101,7 @@ def encode_actors(use_gpu: bool) -> ActorPlan:
     return ActorPlan(max(1, cores // threads), threads)
 
 
-def encode(config: RunConfig, model: ResolvedModel, languages: list[str], splits: list[str], use_gpu: bool) -> Path:
+def encode(config: JobConfig, model: ResolvedModel, languages: list[str], splits: list[str], use_gpu: bool) -> Path:
     """Encode every (language, split) not already current; returns the encoded root."""
     root = encoded_root(config, model)
     pending = []

@@ -25,7 +25,7 @@ PROMPT_TOKENS = 4
 
 
 @torch.no_grad()
-def transcribe(
+def greedy_transcripts(
     model: PreTrainedModel,
     tokenizer: WhisperTokenizer,
     inputs: dict[str, torch.Tensor],
@@ -71,7 +71,8 @@ def evaluate(
     started = time.perf_counter()
     for batch in batches:
         longest = max(len(ids) for ids in batch["label_ids"])
-        hypotheses += transcribe(model, tokenizer, encoder_input(batch), language, 2 * longest + GENERATION_MARGIN)
+        limit = 2 * longest + GENERATION_MARGIN
+        hypotheses += greedy_transcripts(model, tokenizer, encoder_input(batch), language, limit)
         references += [str(sentence) for sentence in batch["sentence"]]
     model.train(was_training)
     rates = error_rates(references, hypotheses, get_language(language))

@@ -10,13 +10,12 @@ import json
 import logging
 import shutil
 import time
-from pathlib import Path
 
 import ray
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 from whisper_lora.data.pipeline import featurize
-from whisper_lora.data.prepared import PARQUET_WRITE_ARGS
+from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir
 from whisper_lora.data.stats import StatsCollector
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.ray_runtime import init_ray
@@ -24,11 +23,7 @@ from whisper_lora.ray_runtime import init_ray
 log = logging.getLogger(__name__)
 
 
-def prepared_dir(config: RunConfig) -> Path:
-    return config.run_dir / "prepared"
-
-
-def prepare(config: RunConfig) -> dict:
+def prepare(config: JobConfig) -> dict:
     """Featurize train/eval/test splits of every configured language; returns what ``stats.json`` holds."""
     model = resolve_base_model(config.model.base, config.model.cache_dir)
     init_ray(config.ray)
@@ -55,7 +50,7 @@ def prepare(config: RunConfig) -> dict:
     return stats
 
 
-def ensure_prepared(config: RunConfig) -> dict:
+def ensure_prepared(config: JobConfig) -> dict:
     """The prepared stats, running ``prepare`` first unless the same data config and model prepared them."""
     stats_file = prepared_dir(config) / "stats.json"
     if stats_file.is_file():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from whisper_lora.config import PublishConfig, RunConfig
+from whisper_lora.config import JobConfig, PublishConfig
 from whisper_lora.languages import get_language
 from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.report import write_report
@@ -197,7 +197,7 @@ def entry_for(
 
 
 def publish_selection(
-    config: RunConfig,
+    config: JobConfig,
     base: ResolvedModel,
     selected: dict[str, TrialOutcome],
     zero_shot: dict[str, dict],

@@ -11,17 +11,16 @@ from pathlib import Path
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperTokenizer
 
-from whisper_lora.config import RunConfig
-from whisper_lora.data.prepared import iter_batches, split_dir
+from whisper_lora.config import JobConfig
+from whisper_lora.data.prepared import iter_batches, prepared_dir, split_dir
 from whisper_lora.evaluate import evaluate
 from whisper_lora.models.resolve import resolve_base_model
-from whisper_lora.prepare import prepared_dir
 from whisper_lora.train.model import load_adapter
 
 log = logging.getLogger(__name__)
 
 
-def score(config: RunConfig, split: str | None = None, adapter: str | None = None) -> dict:
+def score(config: JobConfig, split: str | None = None, adapter: str | None = None) -> dict:
     """Scores per language on ``split`` (default: the test split); with ``adapter``, only its language."""
     split = split or config.data.test_split
     base = resolve_base_model(config.model.base, config.model.cache_dir)

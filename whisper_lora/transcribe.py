@@ -17,7 +17,7 @@ from transformers import WhisperTokenizer
 from whisper_lora.data.audio import load_audio
 from whisper_lora.data.collate import stack_features
 from whisper_lora.data.features import Featurizer
-from whisper_lora.evaluate import transcribe
+from whisper_lora.evaluate import greedy_transcripts
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.publish import ADAPTER_FILES, MANIFEST, Storage, adapter_files, open_storage, read_json
 from whisper_lora.train.model import load_adapter
@@ -90,6 +90,6 @@ def transcribe_files(
             features.append(featurizer.log_mel(audio[: int(MAX_SECONDS * 16000)]))
         inputs = {"input_features": stack_features([np.asarray(f) for f in features])}
         with torch.no_grad():
-            texts = transcribe(model, tokenizer, inputs, published.language)
+            texts = greedy_transcripts(model, tokenizer, inputs, published.language)
         results += list(zip(chunk, texts, strict=True))
     return results

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 from whisper_lora.train.checkpoint import ADAPTER_DIR, FULL_WEIGHTS
 from whisper_lora.train.model import Mode
 from whisper_lora.train.trainer import build_trainer
@@ -69,7 +69,7 @@ def checkpoint_sizes(filesystem: pafs.FileSystem, path: str) -> tuple[int, int]:
     return model, sum(sizes.values())
 
 
-def mode_config(config: RunConfig, mode: Mode) -> RunConfig:
+def mode_config(config: JobConfig, mode: Mode) -> JobConfig:
     """The run config of one side: ``train.mode`` set, full fine-tuning at ``cost.full_learning_rate``, one
     evaluation at the end (the measured window is then the whole run)."""
     tree = config.model_dump(mode="json")
@@ -78,10 +78,10 @@ def mode_config(config: RunConfig, mode: Mode) -> RunConfig:
         tree["train"]["learning_rate"] = config.cost.full_learning_rate
         if tree["train"]["precision"] == "int8":
             tree["train"]["precision"] = "auto"  # int8 weights cannot be updated; full runs in the 16/32-bit choice
-    return RunConfig.model_validate(tree)
+    return JobConfig.model_validate(tree)
 
 
-def measure(config: RunConfig, mode: Mode, language: str) -> Measurement:
+def measure(config: JobConfig, mode: Mode, language: str) -> Measurement:
     """Train ``language`` in ``mode`` for ``train.max_steps`` steps and measure it."""
     config = mode_config(config, mode)
     run_name = f"{config.experiment}-cost-{language}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}"

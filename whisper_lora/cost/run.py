@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from transformers import WhisperConfig
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 from whisper_lora.cost.measure import Measurement, measure
 from whisper_lora.cost.parameters import ParameterBudget, parameter_budget
 from whisper_lora.cost.project import assumptions, project_instance, workload
@@ -48,7 +48,7 @@ def budget_row(budget: ParameterBudget) -> dict:
     }
 
 
-def compare_cost(config: RunConfig) -> dict:
+def compare_cost(config: JobConfig) -> dict:
     """Run the comparison for ``train.language`` (or the first language); returns what ``cost.json`` holds."""
     config = config.with_absolute_paths()
     language = config.train_language

@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.dataset as pads
 import ray.data  # noqa: F401  (registers Ray's tensor extension type, so input_features read as tensors)
 
+from whisper_lora.config import JobConfig
+
 COLUMNS = ["id", "sentence", "duration_s", "label_ids"]
 FEATURE_COLUMNS = ("input_features", "encoder_hidden_states")
 """Model input of a split: log-mel (prepared) or the frozen encoder's output (encoded)."""
@@ -17,6 +19,11 @@ FEATURE_COLUMNS = ("input_features", "encoder_hidden_states")
 PARQUET_WRITE_ARGS = {"use_dictionary": False, "min_rows_per_file": 256}
 """How prepared and encoded splits are written. Dictionary encoding of the float tensors makes reading 5x slower
 for no gain (the values do not repeat); few larger files keep each trial's read of a split to a few tasks."""
+
+
+def prepared_dir(config: JobConfig) -> Path:
+    """Root of what ``prepare`` wrote for this run: ``<run_dir>/prepared``."""
+    return config.run_dir / "prepared"
 
 
 def split_dir(prepared: str | Path, language: str, split: str) -> Path:

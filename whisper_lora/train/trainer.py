@@ -13,11 +13,10 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from whisper_lora.config import RunConfig as Config
-from whisper_lora.data.prepared import split_dir
+from whisper_lora.config import JobConfig
+from whisper_lora.data.prepared import prepared_dir, split_dir
 from whisper_lora.encode import encode
 from whisper_lora.models.resolve import ResolvedModel, resolve_base_model
-from whisper_lora.prepare import prepared_dir
 from whisper_lora.train.checkpoint import ADAPTER_DIR
 from whisper_lora.train.loop import WorkerPlan, train_loop_per_worker
 from whisper_lora.train.model import LoraSettings, target_modules
@@ -44,7 +43,7 @@ class TrainOutcome:
         return str(Path(self.best_checkpoint) / ADAPTER_DIR)
 
 
-def train_rows(config: Config, language: str) -> int:
+def train_rows(config: JobConfig, language: str) -> int:
     """Usable training rows of ``language``, from the ``stats.json`` that ``prepare`` wrote."""
     stats_file = prepared_dir(config) / "stats.json"
     if not stats_file.is_file():
@@ -56,13 +55,13 @@ def train_rows(config: Config, language: str) -> int:
     return groups[key]["rows_out"]
 
 
-def lora_settings(config: Config) -> LoraSettings:
+def lora_settings(config: JobConfig) -> LoraSettings:
     """The configured adapter shape (alpha defaults to 2 × rank)."""
     lora = config.train.lora
     return LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, target_modules(lora.target_modules))
 
 
-def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_dir: str) -> WorkerPlan:
+def worker_plan(config: JobConfig, base_path: str, language: str, rows: int, eval_dir: str) -> WorkerPlan:
     """The plan every worker follows; fails early when the data cannot fill one optimizer step per worker."""
     train = config.train
     micro_batches = (rows // train.num_workers) // train.batch_size
@@ -97,7 +96,7 @@ def worker_plan(config: Config, base_path: str, language: str, rows: int, eval_d
     )
 
 
-def use_gpu(config: Config) -> bool:
+def use_gpu(config: JobConfig) -> bool:
     """The configured choice, else whether the cluster has GPUs at all."""
     if config.train.use_gpu is not None:
         return config.train.use_gpu
@@ -113,7 +112,7 @@ def arrow_bytes(directory: str) -> int:
     return total
 
 
-def train_dataset(directory: str, config: Config) -> ray.data.Dataset:
+def train_dataset(directory: str, config: JobConfig) -> ray.data.Dataset:
     """The train split: streamed from Parquet, or, when it needs at most ``train.materialize_fraction`` of the
     object store, read here in one go and held there (epochs then start at once; Ray Data's Parquet reader took
     12-32 s for a 90 MB encoded split that pyarrow reads in about 1 s)."""
@@ -125,7 +124,7 @@ def train_dataset(directory: str, config: Config) -> ray.data.Dataset:
     return ray.data.read_parquet(directory)
 
 
-def training_data(config: Config, base: ResolvedModel, languages: list[str], gpu: bool) -> Path:
+def training_data(config: JobConfig, base: ResolvedModel, languages: list[str], gpu: bool) -> Path:
     """Root of the splits training reads: the prepared log-mel, or with ``train.freeze_encoder`` the cached encoder
     output (computed here for whatever is missing)."""
     if not config.train.freeze_encoder:
@@ -134,7 +133,7 @@ def training_data(config: Config, base: ResolvedModel, languages: list[str], gpu
     return encode(config, base, languages, splits, gpu).resolve()
 
 
-def build_trainer(config: Config, language: str, run_name: str, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(config: JobConfig, language: str, run_name: str, callbacks: list | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for one language and adapter shape, reading the prepared (or encoded) shards.
     ``callbacks``: Train callbacks, e.g. Tune's ``TuneReportCallback`` when a trial runs it."""
     base = resolve_base_model(config.model.base, config.model.cache_dir)
@@ -163,7 +162,7 @@ def build_trainer(config: Config, language: str, run_name: str, callbacks: list 
     )
 
 
-def outcome_of(result, language: str, rank: int) -> TrainOutcome:
+def best_of_run(result, language: str, rank: int) -> TrainOutcome:
     """Best checkpoint by the primary metric (ties: the later step) and its metrics."""
     if result.error is not None:
         raise result.error
@@ -173,11 +172,11 @@ def outcome_of(result, language: str, rank: int) -> TrainOutcome:
     return TrainOutcome(language, rank, checkpoint.path, metrics, result.metrics, reported)
 
 
-def train_language(config: Config) -> TrainOutcome:
+def train_one_language(config: JobConfig) -> TrainOutcome:
     """Train one language (``train.language`` or the first of ``data.languages``) with the configured LoRA."""
-    language = config.train_language
+    language = config.train_one_language
     run_name = f"{config.experiment}-train-{language}-r{config.train.lora.rank}"
     result = build_trainer(config, language, run_name).fit()
-    outcome = outcome_of(result, language, config.train.lora.rank)
+    outcome = best_of_run(result, language, config.train.lora.rank)
     log.info("best %s adapter: %s (%s)", language, outcome.adapter_dir, outcome.metrics.get("primary"))
     return outcome

@@ -16,14 +16,14 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.prepare import ensure_prepared
 from whisper_lora.publish import open_storage, publish_selection
 from whisper_lora.ray_runtime import init_ray
 from whisper_lora.train.trainer import training_data, use_gpu
 from whisper_lora.tune.search import max_concurrent_trials, param_space, scheduler
-from whisper_lora.tune.select import TrialOutcome, outcome_of, select_best
+from whisper_lora.tune.select import TrialOutcome, select_best, trial_outcome
 from whisper_lora.tune.trainable import train_trial
 from whisper_lora.tune.zero_shot import zero_shot_scores
 
@@ -33,14 +33,14 @@ TRIAL_DRIVER = {"CPU": 0.01}
 machines (they never start); zero is not a valid request."""
 
 
-def sweep_name(config: RunConfig) -> str:
+def sweep_name(config: JobConfig) -> str:
     """Tune experiment name: the same config resumes the same sweep; a changed grid or plan starts a new one."""
     sweep = {key: config.model_dump(mode="json")[key] for key in ("model", "data", "train", "tune")}
     digest = hashlib.sha256(json.dumps(sweep, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.experiment}-tune-{digest}"
 
 
-def run_sweep(config: RunConfig, gpu: bool) -> tune.ResultGrid:
+def run_sweep(config: JobConfig, gpu: bool) -> tune.ResultGrid:
     storage = config.train.storage_uri
     name = sweep_name(config)
     trainable = tune.with_resources(
@@ -86,11 +86,11 @@ def outcomes_of(grid: tune.ResultGrid, train_storage: str) -> list[TrialOutcome]
         frame = result.metrics_dataframe
         reports = frame.to_dict("records") if frame is not None else []
         error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"
-        outcomes.append(outcome_of(_trial_id(result), result.config, reports, error, exists))
+        outcomes.append(trial_outcome(_trial_id(result), result.config, reports, error, exists))
     return outcomes
 
 
-def tune_languages(config: RunConfig) -> dict:
+def tune_languages(config: JobConfig) -> dict:
     """Run the whole job; returns the published manifest."""
     config = config.with_absolute_paths()
     init_ray(config.ray)

@@ -13,13 +13,13 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 
 METRIC = "primary"
 """WER or CER, whichever the language registry names primary: lower is better."""
 
 
-def param_space(config: RunConfig) -> dict[str, Any]:
+def param_space(config: JobConfig) -> dict[str, Any]:
     space = {
         "language": tune.grid_search(config.data.languages),
         "rank": tune.grid_search(config.tune.ranks),
@@ -30,15 +30,15 @@ def param_space(config: RunConfig) -> dict[str, Any]:
     return space
 
 
-def trial_config(config: RunConfig, params: Mapping[str, Any]) -> RunConfig:
+def trial_config(config: JobConfig, params: Mapping[str, Any]) -> JobConfig:
     """The run config of one trial: the sweep's choices written into ``train``."""
     tree = config.model_dump(mode="json")
     tree["train"].update(language=params["language"], learning_rate=params["learning_rate"])
     tree["train"]["lora"].update(rank=params["rank"], alpha=params.get("alpha"))
-    return RunConfig.model_validate(tree)
+    return JobConfig.model_validate(tree)
 
 
-def max_concurrent_trials(config: RunConfig, resources: Mapping[str, float], gpu: bool) -> int:
+def max_concurrent_trials(config: JobConfig, resources: Mapping[str, float], gpu: bool) -> int:
     """Trials that fit side by side: GPUs / workers per trial; on CPU, real cores / workers (torch threads
     compete for cores; Ray's logical CPUs here are inflated to keep Ray Data from deadlocking)."""
     if config.tune.max_concurrent_trials:
@@ -88,7 +88,7 @@ class PerLanguageASHA(FIFOScheduler):
         return "\n".join(f"{language}: {s.debug_string()}" for language, s in sorted(self._schedulers.items()))
 
 
-def scheduler(config: RunConfig) -> TrialScheduler:
+def scheduler(config: JobConfig) -> TrialScheduler:
     asha = config.tune.asha
     if not asha.enabled:
         return FIFOScheduler()

@@ -50,7 +50,7 @@ def best_report(reports: Iterable[dict], exists: Callable[[str], bool] = lambda 
     return next((report for report in ranked if exists(report["checkpoint_path"])), None)
 
 
-def outcome_of(
+def trial_outcome(
     trial_id: str,
     params: dict,
     reports: list[dict],

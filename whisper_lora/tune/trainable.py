@@ -8,7 +8,7 @@ import logging
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 from whisper_lora.train.trainer import build_trainer
 from whisper_lora.tune.search import trial_config
 
@@ -22,7 +22,7 @@ def train_run_name(experiment: str, trial_id: str) -> str:
 
 def train_trial(params: dict, config: dict) -> None:
     """Tune function trainable (``config``: the run config as JSON-ready dict, shared by every trial)."""
-    run = trial_config(RunConfig.model_validate(config), params)
+    run = trial_config(JobConfig.model_validate(config), params)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
         run, params["language"], train_run_name(run.experiment, trial_id), callbacks=[TuneReportCallback()]

@@ -14,7 +14,7 @@ import ray
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperTokenizer
 
-from whisper_lora.config import RunConfig
+from whisper_lora.config import JobConfig
 from whisper_lora.data.prepared import iter_batches, split_dir, split_files
 from whisper_lora.evaluate import evaluate
 from whisper_lora.models.resolve import ResolvedModel
@@ -35,7 +35,7 @@ def _key(base: ResolvedModel, directory: Path, limit: int | None) -> dict:
     return {"model_sha256": base.sha256, "files": split_files(directory), "max_utterances": limit}
 
 
-def zero_shot_scores(config: RunConfig, base: ResolvedModel, data_root: Path, gpu: bool) -> dict[str, dict]:
+def zero_shot_scores(config: JobConfig, base: ResolvedModel, data_root: Path, gpu: bool) -> dict[str, dict]:
     """Scores of the base model per language on the eval split (computed for whatever is not cached)."""
     split = config.data.eval_split
     cache_file = config.run_dir / f"zero_shot_{split}.json"
