@@ -120,6 +120,11 @@ class DataConfig(_Section):
         return self
 
 
+def lora_alpha(rank: int, alpha: int | None = None) -> int:
+    """LoRA alpha: the given one, else 2 × rank (the adapter's update then keeps its scale as the rank changes)."""
+    return alpha or 2 * rank
+
+
 class LoraConfigSection(_Section):
     rank: int = Field(8, ge=1, description="LoRA rank r.")
     alpha: int | None = Field(None, ge=1, description="LoRA alpha; null uses 2 × rank.")
@@ -131,6 +136,11 @@ class LoraConfigSection(_Section):
             "'self_attn.v_proj'), or 'all-linear'."
         ),
     )
+
+    @property
+    def resolved_alpha(self) -> int:
+        """The alpha peft is given: ``alpha``, else 2 × ``rank``."""
+        return lora_alpha(self.rank, self.alpha)
 
 
 class TrainConfig(_Section):
