@@ -1,9 +1,10 @@
-"""LoRA step time: the Ray Train worker loop vs the same model in a plain PyTorch loop, and int8 vs fp32.
+"""LoRA step time: the Ray Train worker loop vs its own ``train_step`` called in a plain loop, and int8 vs fp32.
 
     .venv/bin/python benchmarks/train_step.py --config ray_jobs/configs/demo.yaml --steps 8
 
-Needs prepared data (``make demo`` or ``whisper-lora prepare``). Plain loops run in a child process over the
-same batches the Ray worker sees (read up front); the Ray Train loop runs one CPU worker over the prepared split.
+Needs prepared data (``make demo`` or ``whisper-lora prepare``). Plain loops build the worker Ray Train builds (same
+plan: model, optimizer, schedule, accumulation) without Ray, in a child process, and call the product's
+``train_step`` over batches of the prepared split read up front; the Ray Train loop runs one CPU worker over it.
 Two figures each: ``step_s``, the median compute time of an optimizer step (the loop's own cost), and
 ``wall_step_s``, wall time per step with data loading and the first step included (evaluation excluded).
 Peak memory: RSS high-water mark of the process that trains (each plain mode runs in a fresh child process so
@@ -13,48 +14,40 @@ the marks do not mix).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import resource
 import statistics
 import tempfile
-import time
 
 import torch
 
 from whisper_lora.config import load_config
-from whisper_lora.data.collate import collate
 from whisper_lora.data.prepared import iter_batches, prepared_dir, split_dir
 from whisper_lora.models.resolve import resolve_base_model
-from whisper_lora.train.model import LoraSettings, count_parameters, load_for_training
-from whisper_lora.train.precision import Device, choose_precision
+from whisper_lora.train.step import WorkerPlan, build_worker, train_step
+from whisper_lora.train.trainer import train_rows, worker_plan
 
 
-def plain_loop(base_path: str, train_dir: str, precision: str, batch_size: int, steps: int, queue) -> None:
-    torch.manual_seed(0)
-    choice = choose_precision(precision, Device("cpu"))
-    model = load_for_training(base_path, choice, torch.device("cpu"), "lora", LoraSettings(), True)
-    model.train()  # from_pretrained returns eval mode: no dropout and, in transformers, no gradient checkpointing
-    batches = [collate(rows) for rows, _ in zip(iter_batches(train_dir, batch_size), range(steps), strict=False)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    times = []
-    for step in range(steps):
-        started = time.perf_counter()
-        model(**batches[step % len(batches)]).loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
+def plain_loop(plan: dict, train_dir: str, precision: str, steps: int, queue) -> None:
+    """``steps`` optimizer steps of the product's ``train_step`` on a worker built outside Ray, in ``precision``,
+    over the split's first batches (read before the clock starts; cycled when there are fewer)."""
+    plan = WorkerPlan.model_validate({**plan, "train": {**plan["train"], "precision": precision}})
+    train = plan.train
+    worker = build_worker(plan, torch.device("cpu"))
+    batches = list(itertools.islice(iter_batches(train_dir, train.batch_size), steps * train.grad_accum))
+    groups = [batches[start : start + train.grad_accum] for start in range(0, len(batches), train.grad_accum)]
+    times = [train_step(worker, groups[step % len(groups)]).seconds for step in range(steps)]
     wall_step = sum(times) / steps
     queue.put(
         {
             "mode": f"plain {precision}",
             "step_s": round(statistics.median(times), 2),
             "wall_step_s": round(wall_step, 2),
-            "samples_per_s": round(batch_size / wall_step, 3),
+            "samples_per_s": round(train.batch_size * train.grad_accum / wall_step, 3),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "trainable": count_parameters(model).trainable,
+            "trainable": worker.facts["trainable_parameters"],
         }
     )
 
@@ -107,7 +100,7 @@ def main() -> None:
             "eval.max_utterances=2",
             f"train.eval_every_steps={args.steps}",
             "train.eval_each_epoch=false",
-            # the plain loops' model and threads: adapters on encoder and decoder, checkpointing, torch's default
+            # adapters on encoder and decoder over the prepared log-mel, checkpointing, torch's default threads
             "train.freeze_encoder=false",
             "train.lora.target_modules=[q_proj,v_proj]",
             "train.lora.rank=8",
@@ -121,7 +114,9 @@ def main() -> None:
     )
     base = resolve_base_model(config.model.base, config.model.cache_dir).path
     train_dir = str(split_dir(prepared_dir(config), args.language, config.data.train_split))
-    results = [in_child(base, train_dir, precision, args.batch_size, args.steps) for precision in ("fp32", "int8")]
+    eval_dir = str(split_dir(prepared_dir(config), args.language, config.data.eval_split))
+    plan = worker_plan(config, base, args.language, train_rows(config, args.language), eval_dir).model_dump(mode="json")
+    results = [in_child(plan, train_dir, precision, args.steps) for precision in ("fp32", "int8")]
     results.append(ray_loop(config))
     for result in results:
         print(json.dumps(result))

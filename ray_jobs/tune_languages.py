@@ -9,7 +9,7 @@ sweep. Ray 2.60 clusters use token auth: set ``RAY_AUTH_MODE=token`` for the ``r
 The job runs in an uploaded copy of this directory (``.gitignore``d files such as ``artifacts/`` stay behind), so
 local paths in its config must be absolute, as on a cluster they are shared paths or ``s3://``; without a
 cluster, ``python ray_jobs/tune_languages.py --config ray_jobs/configs/demo.yaml`` runs the same job here.
-Recipe only: the components in ``whisper_lora.tune`` hold the logic.
+Recipe only: ``whisper_lora.job`` wires the components of ``whisper_lora.tune``, ``publish`` and ``report``.
 """
 
 import sys

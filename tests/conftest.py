@@ -1,19 +1,21 @@
-"""Shared test inputs, all built here: a tiny random Whisper, Common Voice-style releases, a local Ray."""
+"""Shared test fixtures, all built here: a tiny random Whisper, Common Voice-style releases, a local Ray."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Credentials for the S3 server the tests run on loopback (moto accepts any). Set before Ray starts, so Ray Data
+# tasks and Train workers reading s3:// see them as a cluster's pods see theirs.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "test-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test-secret")
+os.environ.setdefault("AWS_REGION", "us-east-1")
 
 
 def _weights_data_dir(index: int) -> Path | None:
@@ -66,32 +68,6 @@ def tiny_model_dir(tmp_path_factory, ct2_files) -> str:
     return str(out)
 
 
-def tone(seconds: float, rate: int = 48_000, freq: float = 440.0, channels: int = 1) -> np.ndarray:
-    """A sine at ``freq`` with a little noise, shape (frames,) or (frames, channels)."""
-    t = np.arange(int(seconds * rate)) / rate
-    x = 0.4 * np.sin(2 * np.pi * freq * t) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
-    x = x.astype(np.float32)
-    return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
-
-
-def write_common_voice(root: Path, language: str, splits: dict[str, list[tuple[str, str]]]) -> Path:
-    """A Common Voice release: ``root/<language>/<split>.tsv`` rows of (clip file name, sentence)."""
-    folder = root / language
-    (folder / "clips").mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        with open(folder / f"{split}.tsv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
-            writer.writerow(["client_id", "path", "sentence", "up_votes"])
-            writer.writerows([["c", path, sentence, 1] for path, sentence in rows])
-    return root
-
-
-def write_clip(path: Path, seconds: float, rate: int = 48_000, channels: int = 1, fmt: str = "MP3") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, tone(seconds, rate, channels=channels), rate, format=fmt)
-    return path
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the session: 4 logical CPUs (see FACTS on 2-core deadlocks), 1 GiB store."""
@@ -102,20 +78,56 @@ def ray_local():
     ray.shutdown()
 
 
-def random_adapters(tiny_model_dir: str, root: Path, names: list[str]) -> dict[str, str]:
-    """Checkpoint-like directories ``<root>/<name>/adapter/`` holding rank-2 LoRA adapters with random weights
-    (one seed per name), for publishing tests; returns name → checkpoint directory."""
-    import torch
+@pytest.fixture(scope="module")
+def two_worker_corpus(ray_local, tiny_model_dir, tmp_path_factory) -> list[str]:
+    """A prepared Hindi corpus for the tiny model, as config overrides: four training utterances (one optimizer step
+    per epoch with 2 workers × batch 2) and two eval ones."""
+    from whisper_lora.config import load_config
+    from whisper_lora.prepare import prepare
 
-    from whisper_lora.train.model import LoraSettings, load_for_training
-    from whisper_lora.train.precision import Device, choose_precision
+    root = tmp_path_factory.mktemp("train")
+    from tests.builders import write_clip, write_common_voice
 
-    choice = choose_precision("fp32", Device("cpu"))
-    for seed, name in enumerate(names):
-        torch.manual_seed(seed)
-        model = load_for_training(tiny_model_dir, choice, torch.device("cpu"), "lora", LoraSettings(rank=2))
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.data.normal_()
-        model.save_pretrained(root / name / "adapter")
-    return {name: str(root / name) for name in names}
+    rows = []
+    for index, sentence in enumerate(["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह बारह"]):
+        write_clip(root / "cv" / "hi" / "clips" / f"c{index}.mp3", 1.0 + 0.25 * index)
+        rows.append((f"c{index}.mp3", sentence))
+    write_common_voice(root / "cv", "hi", {"train": rows, "dev": rows[:2], "test": rows[:2]})
+    overrides = [
+        f"data.source.path={root}/cv",
+        "data.languages=hi",
+        f"model.base={tiny_model_dir}",
+        f"output_dir={root}/runs",
+        f"train.storage_path={root}/ray",
+        "train.num_workers=2",
+        "train.batch_size=2",
+        "train.warmup_steps=2",
+        "train.gradient_checkpointing=false",
+        "eval.batch_size=2",
+        "experiment=t",
+    ]
+    prepare(load_config(None, overrides))
+    return overrides
+
+
+@pytest.fixture
+def s3_endpoint():
+    """An S3 server on loopback (moto in server mode) with an empty bucket ``models``; yields its URL. Only the
+    tests that pass it as ``storage.s3_endpoint`` reach it: nothing else is pointed there."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    import logging
+    import socket
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+        yield endpoint
+    finally:
+        server.stop()

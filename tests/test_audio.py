@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import tone, write_clip
+from tests.builders import tone, write_clip
 from whisper_lora.data.audio import SAMPLE_RATE, AudioError, load_audio, to_mono_16k
 
 

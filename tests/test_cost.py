@@ -10,16 +10,15 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import WhisperForConditionalGeneration
 
-from tests.conftest import write_clip, write_common_voice
-from whisper_lora.config import CostConfig, InstanceConfig, load_config
+from tests.builders import write_clip, write_common_voice
+from whisper_lora.config import CostConfig, InstanceConfig, LoraConfigSection, load_config
 from whisper_lora.cost.measure import Measurement
 from whisper_lora.cost.parameters import parameter_budget
 from whisper_lora.cost.project import forward_flops, project_instance, workload
 from whisper_lora.cost.run import compare_cost
 from whisper_lora.models.sizes import SIZES, whisper_config
-from whisper_lora.train.model import LoraSettings
 
-QV_R32 = LoraSettings(32, 64, 0.0, ("q_proj", "v_proj"))
+QV_R32 = LoraConfigSection(rank=32, alpha=64, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
 def test_large_v2_lora_r32_on_q_v_trains_15_7_million_of_1_56_billion():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import write_clip
+from tests.builders import write_clip
 from whisper_lora.data.collate import IGNORE_INDEX, collate
 from whisper_lora.data.features import Featurizer, Limits, RowDropped, pad_log_mel
 from whisper_lora.languages import REGISTERED

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from tests.conftest import tone, write_clip, write_common_voice
+from tests.builders import tone, write_clip, write_common_voice
 from whisper_lora.config import load_config
 from whisper_lora.data.pipeline import featurize
 from whisper_lora.data.sources import SourceError, read_source

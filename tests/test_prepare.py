@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import write_clip, write_common_voice
+from tests.builders import write_clip, write_common_voice
 from whisper_lora.cli import main
 from whisper_lora.data.prepared import iter_batches, split_dir
 

@@ -20,15 +20,10 @@ import ray.train
 import torch
 from safetensors.torch import load_file
 
-import whisper_lora.publish as publish
-from tests.conftest import random_adapters, write_clip, write_common_voice
-from tests.test_train import prepared  # noqa: F401  (the 2-worker prepared corpus)
+from tests.builders import write_clip, write_common_voice
 from whisper_lora.config import ConfigError, load_config
-from whisper_lora.models.resolve import resolve_base_model
-from whisper_lora.publish import open_storage, publish_selection, read_manifest
 from whisper_lora.train.loop import train_loop_per_worker
 from whisper_lora.train.trainer import best_of_run, build_trainer
-from whisper_lora.tune.select import TrialOutcome
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,40 +41,45 @@ def _last_checkpoint(result) -> str:
     return max(result.best_checkpoints, key=lambda pair: pair[1]["step"])[0].path
 
 
-def _deterministic(prepared: list[str], *extra: str):  # noqa: F811
+def _deterministic(corpus: list[str], *extra: str):
     # dropout off: a resumed run then computes exactly what an uninterrupted one does
-    return load_config(None, [*prepared, "train.max_steps=6", "train.lora.dropout=0", "train.max_failures=2", *extra])
+    return load_config(None, [*corpus, "train.max_steps=6", "train.lora.dropout=0", "train.max_failures=2", *extra])
 
 
 def _faulty(plan: dict, resumed: Path, fault) -> None:
     """The real worker loop, instrumented inside the worker process: ``fault(step)`` runs after every optimizer
-    step that is not followed by an evaluation (where the loop asks Ray whether a node is being preempted, and
-    the fault's return value is the answer); every resume appends the step it starts from to ``resumed``."""
+    step, and its return value is what the loop hears next when it asks Ray whether a node is being preempted
+    (after the steps not followed by an evaluation); every resume appends the step it starts from to ``resumed``."""
     import whisper_lora.train.loop as loop
 
-    load, make_schedule, schedules = loop.load_checkpoint, loop.get_linear_schedule_with_warmup, []
+    restore, train_step = loop.restore, loop.train_step
+    steps, answer = [0], [None]  # optimizer steps taken; the fault's last answer
 
-    def record_resume(*args, **kwargs):
-        progress = load(*args, **kwargs)
+    def record_restore(worker, directory):
+        progress = restore(worker, directory)
+        steps[0] = progress.step
         with open(resumed, "a") as handle:
-            handle.write(f"{progress['step']}\n")
+            handle.write(f"{progress.step}\n")
         return progress
 
-    def keep_schedule(*args, **kwargs):
-        schedules.append(make_schedule(*args, **kwargs))
-        return schedules[-1]
+    def step_then_fault(worker, micro_batches):
+        result = train_step(worker, micro_batches)
+        steps[0] += 1
+        answer[0] = fault(steps[0])
+        return result
 
-    loop.load_checkpoint, loop.get_linear_schedule_with_warmup = record_resume, keep_schedule
-    ray.train.get_preemption_info = lambda: fault(schedules[-1].last_epoch)  # the schedule counts optimizer steps
+    loop.restore, loop.train_step = record_restore, step_then_fault
+    ray.train.get_preemption_info = lambda: answer[0]
     train_loop_per_worker(plan)
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_worker_process_killed_mid_epoch_resumes_and_ends_where_a_clean_run_ends(prepared, tmp_path):  # noqa: F811
+def test_worker_process_killed_mid_epoch_resumes_and_ends_where_a_clean_run_ends(two_worker_corpus, tmp_path):
     marker, resumed = tmp_path / "killed", tmp_path / "resumed"
     # batch 1 on 2 workers: 2 steps per epoch; checkpoints at steps 3 (mid-epoch) and 6; the kill after step 5
-    config = _deterministic(prepared, "train.batch_size=1", "train.eval_each_epoch=false", "train.eval_every_steps=3")
+    steps = ["train.batch_size=1", "train.eval_each_epoch=false", "train.eval_every_steps=3"]
+    config = _deterministic(two_worker_corpus, *steps)
 
     def kill_after_step_5(step: int):
         if step == 5 and ray.train.get_context().get_world_rank() == 1 and not marker.exists():
@@ -107,10 +107,10 @@ def test_worker_process_killed_mid_epoch_resumes_and_ends_where_a_clean_run_ends
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_announced_preemption_checkpoints_at_once_and_the_run_resumes_from_there(prepared, tmp_path):  # noqa: F811
+def test_announced_preemption_checkpoints_at_once_and_the_run_resumes_from_there(two_worker_corpus, tmp_path):
     marker, resumed = tmp_path / "preempted", tmp_path / "resumed"
     # one evaluation, at the end: without the preemption checkpoint a restart would begin again at step 0
-    config = _deterministic(prepared, "train.eval_each_epoch=false")
+    config = _deterministic(two_worker_corpus, "train.eval_each_epoch=false")
 
     def preempt_at_step_4(step: int):
         if step == 4 and not marker.exists():
@@ -131,102 +131,6 @@ def test_announced_preemption_checkpoints_at_once_and_the_run_resumes_from_there
     preemption = next(metrics for _, metrics in result.best_checkpoints if metrics["step"] == 4)
     assert preemption["primary"] == float("inf")  # no score yet: never selected over an evaluated checkpoint
     assert best_of_run(result, "hi", 8).metrics["step"] == 6 == result.metrics["step"]
-
-
-# --- publishing interrupted at each step ---------------------------------------------------------------------
-
-
-def _interrupt_copy_midway(monkeypatch):
-    copy = publish.copy_adapter
-
-    def half_copy(source, source_dir, target, target_dir):
-        target.fs.create_dir(target_dir, recursive=True)
-        with target.fs.open_output_stream(f"{target_dir}/adapter_model.safetensors") as writer:
-            writer.write(b"partial")
-        raise OSError("preempted during the adapter upload")
-
-    monkeypatch.setattr(publish, "copy_adapter", half_copy)
-    return copy
-
-
-def _interrupt_second_language(monkeypatch):
-    calls = []
-    upload = publish.publish_adapter
-
-    def one_then_fail(*args, **kwargs):
-        calls.append(args)
-        if len(calls) > 1:
-            raise OSError("preempted between two languages' uploads")
-        return upload(*args, **kwargs)
-
-    monkeypatch.setattr(publish, "publish_adapter", one_then_fail)
-
-
-def _interrupt_report(monkeypatch):
-    def fail(*args, **kwargs):
-        raise OSError("preempted while writing the report")
-
-    monkeypatch.setattr(publish, "write_report", fail)
-
-
-def _interrupt_manifest(monkeypatch):
-    def fail(*args, **kwargs):
-        raise OSError("preempted before the manifest write")
-
-    monkeypatch.setattr(publish, "write_manifest", fail)
-
-
-@pytest.mark.parametrize(
-    "interrupt",
-    [_interrupt_copy_midway, _interrupt_second_language, _interrupt_report, _interrupt_manifest],
-    ids=["during-adapter-upload", "between-languages", "after-adapters-before-report", "before-manifest"],
-)
-def test_publish_interrupted_at_each_step_leaves_the_previous_manifest_valid(
-    interrupt, tiny_model_dir, tmp_path, monkeypatch
-):
-    checkpoints = random_adapters(tiny_model_dir, tmp_path / "checkpoints", ["a", "b", "c", "d"])
-    config = load_config(
-        None,
-        [
-            f"data.source.path={tmp_path}",
-            "data.languages=hi,ta",
-            f"model.base={tiny_model_dir}",
-            f"train.storage_path={tmp_path}",
-            f"publish.storage={tmp_path / 'shared'}",
-            "experiment=pub",
-        ],
-    )
-    base = resolve_base_model(config.model.base, config.model.cache_dir)
-    zero_shot = {language: {"wer": 2.0, "cer": 2.0, "raw_wer": 2.0, "primary": 2.0} for language in ("hi", "ta")}
-    first = {"hi": _outcome("hi-1", "hi", 0.5, checkpoints["a"]), "ta": _outcome("ta-1", "ta", 0.5, checkpoints["b"])}
-    published = publish_selection(config, base, first, zero_shot, list(first.values()))
-    storage = open_storage(config.publish.storage)
-    files_before = _tree(tmp_path / "shared" / "pub" / "adapters")
-
-    better = {"hi": _outcome("hi-2", "hi", 0.3, checkpoints["c"]), "ta": _outcome("ta-2", "ta", 0.3, checkpoints["d"])}
-    interrupt(monkeypatch)
-    with pytest.raises(OSError, match="preempted"):
-        publish_selection(config, base, better, zero_shot, list(better.values()))
-    monkeypatch.undo()
-
-    assert read_manifest(storage, "pub") == published  # readers still see the previous, complete state
-    for entry in published["languages"].values():
-        assert publish.adapter_files(storage, entry["adapter"]) == entry["files"]
-    assert all(_tree(tmp_path / "shared" / "pub" / "adapters")[path] == digest for path, digest in files_before.items())
-
-    again = publish_selection(config, base, better, zero_shot, list(better.values()))  # the rerun completes it
-    assert {entry["trial_id"] for entry in again["languages"].values()} == {"hi-2", "ta-2"}
-    for entry in again["languages"].values():
-        assert publish.adapter_files(storage, entry["adapter"]) == entry["files"]
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
-
-
-def _outcome(trial: str, language: str, primary: float, checkpoint: str) -> TrialOutcome:
-    best = {"primary": primary, "wer": primary, "cer": primary, "raw_wer": primary, "utterances": 2, "step": 4}
-    return TrialOutcome(trial, language, 2, 1e-3, 4, best, checkpoint)
 
 
 # --- security: nothing pickled, no credential written -------------------------------------------------------
@@ -253,36 +157,6 @@ def test_config_files_are_data_not_code(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(hostile)
     assert not (tmp_path / "pwned").exists()
-
-
-def test_credentials_from_the_environment_never_reach_logs_reports_or_manifests(
-    tiny_model_dir, tmp_path, monkeypatch, caplog
-):
-    secrets = {"HF_TOKEN": "hf_secret_token_123", "AWS_SECRET_ACCESS_KEY": "aws-secret-456"}
-    for key, value in secrets.items():
-        monkeypatch.setenv(key, value)
-    checkpoints = random_adapters(tiny_model_dir, tmp_path / "checkpoints", ["a"])
-    config = load_config(
-        None,
-        [
-            f"data.source.path={tmp_path}",
-            "data.languages=hi",
-            f"model.base={tiny_model_dir}",
-            f"train.storage_path={tmp_path}",
-            f"publish.storage={tmp_path / 'shared'}",
-            "experiment=sec",
-        ],
-    )
-    base = resolve_base_model(config.model.base, config.model.cache_dir)
-    outcome = _outcome("hi-1", "hi", 0.5, checkpoints["a"])
-    failed = TrialOutcome("hi-2", "hi", 4, 1e-3, 8, None, None, error="RuntimeError: out of memory")
-    with caplog.at_level("DEBUG"):
-        publish_selection(config, base, {"hi": outcome}, {"hi": dict(outcome.best)}, [outcome, failed])
-    written = "\n".join(path.read_text(errors="replace") for path in (tmp_path / "shared").rglob("*") if path.is_file())
-    for value in secrets.values():
-        assert value not in written and value not in caplog.text
-    dumped = load_config(None, [f"data.source.path={tmp_path}"]).model_dump_json()
-    assert all(value not in dumped for value in secrets.values())
 
 
 # --- the sweep: trials that fail, a driver that stops -------------------------------------------------------
@@ -327,7 +201,7 @@ def _train_worker_pids() -> set[int]:
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_a_trial_failing_once_is_retried_and_one_failing_always_is_reported(ray_local, tiny_model_dir, tmp_path):
-    from whisper_lora.tune.run import tune_languages
+    from whisper_lora.job import tune_languages
 
     # ta has one training utterance for batches of 2: its trial fails on every attempt. hi's Train workers are
     # killed from here at its first checkpoint (no Train-level restarts): the trial fails once and Tune retries it.
@@ -351,14 +225,14 @@ def test_a_trial_failing_once_is_retried_and_one_failing_always_is_reported(ray_
     finally:
         stop.set()
     assert killed, "the hi trial's worker was never seen"
-    assert set(manifest["languages"]) == {"hi"}
-    assert manifest["languages"]["hi"]["train_steps"] in (10, 20)
+    assert set(manifest.languages) == {"hi"}
+    assert manifest.languages["hi"].train_steps in (10, 20)
     states = (tmp_path / "ray").glob("rel-train-trial_id=*/checkpoint_*/trainer_state.json")
     assert max(json.loads(state.read_text())["progress"]["step"] for state in states) == 20  # the retry finished
-    [failed] = manifest["failed_trials"]
-    assert failed["language"] == "ta" and "cannot give each" in failed["error"]
-    assert [t["failed"] for t in sorted(manifest["trials"], key=lambda t: t["language"])] == [False, True]
+    [failed] = manifest.failed_trials
+    assert failed.language == "ta" and "cannot give each" in failed.error
+    assert [t.failed for t in sorted(manifest.trials, key=lambda t: t.language)] == [False, True]
 
 
 # The driver stopped and started again (`ray job stop`, `ray job submit`) is tested on the job-submitted sweep in
-# tests/test_tune.py (test_a_stopped_job_resumes_its_sweep_without_retraining_finished_trials).
+# tests/test_sweep.py (test_a_stopped_job_resumes_its_sweep_without_retraining_finished_trials).

@@ -6,46 +6,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import write_clip, write_common_voice
 from whisper_lora.config import load_config
-from whisper_lora.prepare import prepare
 from whisper_lora.train.trainer import train_one_language
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
-SENTENCES = ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह बारह"]
 
 
-@pytest.fixture(scope="module")
-def prepared(ray_local, tiny_model_dir, tmp_path_factory):
-    """Four training utterances (one optimizer step per epoch with 2 workers × batch 2) and two eval ones."""
-    root = tmp_path_factory.mktemp("train")
-    rows = []
-    for index, sentence in enumerate(SENTENCES):
-        write_clip(root / "cv" / "hi" / "clips" / f"c{index}.mp3", 1.0 + 0.25 * index)
-        rows.append((f"c{index}.mp3", sentence))
-    write_common_voice(root / "cv", "hi", {"train": rows, "dev": rows[:2], "test": rows[:2]})
-    overrides = [
-        f"data.source.path={root}/cv",
-        "data.languages=hi",
-        f"model.base={tiny_model_dir}",
-        f"output_dir={root}/runs",
-        f"train.storage_path={root}/ray",
-        "train.num_workers=2",
-        "train.batch_size=2",
-        "train.warmup_steps=2",
-        "train.gradient_checkpointing=false",
-        "eval.batch_size=2",
-        "experiment=t",
-    ]
-    prepare(load_config(None, overrides))
-    return overrides
-
-
-def test_int8_lora_learns_a_fixed_batch_and_checkpoints_only_the_adapter(prepared):
+def test_int8_lora_learns_a_fixed_batch_and_checkpoints_only_the_adapter(two_worker_corpus):
     config = load_config(
         None,
         [
-            *prepared,
+            *two_worker_corpus,
             "train.precision=int8",
             "train.max_steps=30",
             "train.learning_rate=1e-2",

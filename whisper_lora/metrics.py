@@ -9,6 +9,10 @@ import jiwer
 from whisper_lora.languages import Language
 from whisper_lora.text import clean_transcript, normalize_for_scoring
 
+PRIMARY = "primary"
+"""Key of the language's primary error rate (WER, or CER where the registry says so) in every score mapping and
+Ray report: what checkpoints are kept by, trials stopped by and adapters selected by."""
+
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: Language) -> dict[str, float]:
     """Corpus-level ``wer``, ``cer`` (normalised), ``raw_wer`` (orthographic) and ``primary`` for ``language``.
@@ -34,5 +38,5 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: 
         "raw_wer": jiwer.wer([r for r, _ in raw], [h for _, h in raw]),
         "utterances": float(len(pairs)),
     }
-    rates["primary"] = rates[language.primary_metric]
+    rates[PRIMARY] = rates[language.primary_metric]
     return rates

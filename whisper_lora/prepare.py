@@ -33,7 +33,7 @@ def prepare(config: JobConfig) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     collector = StatsCollector.remote()
     started = time.perf_counter()
-    dataset = featurize(config.data, model.path, splits, collector)
+    dataset = featurize(config.data, model.path, splits, collector, config.storage)
     dataset.write_parquet(str(staging.resolve()), partition_cols=["language", "split"], **PARQUET_WRITE_ARGS)
     elapsed = time.perf_counter() - started
     stats = ray.get(collector.summary.remote())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
-from whisper_lora.config import RayConfig
+from whisper_lora.config import JobConfig, RayConfig
+from whisper_lora.storage import open_location
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +38,10 @@ def init_ray(config: RayConfig) -> None:
         object_store_memory=int(config.object_store_gib * 2**30),
         include_dashboard=False,
     )
+
+
+def ray_storage(config: JobConfig) -> dict[str, Any]:
+    """``storage_path`` and ``storage_filesystem`` for Ray Train's and Tune's ``RunConfig``: ``train.storage_path``
+    opened with the ``storage`` options, so an S3 endpoint set there applies to checkpoints as to everything else."""
+    location = open_location(config.train.storage_path, config.storage)
+    return {"storage_path": location.path, "storage_filesystem": None if location.is_local else location.fs}

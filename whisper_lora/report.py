@@ -1,16 +1,16 @@
-"""The sweep at a glance: ``report.md`` with the tables, and two PNGs (error by language × rank, best vs
-zero-shot). Written to a local directory; ``publish`` uploads them beside the manifest."""
+"""The sweep at a glance, rendered from its manifest alone: ``report.md`` with the tables, and two PNGs (error
+by language × rank, best vs zero-shot). ``publish`` writes them beside the manifest, before it."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from whisper_lora.languages import get_language
-from whisper_lora.tune.select import TrialOutcome
+from whisper_lora.manifest import Manifest, PublishedAdapter, TrialSummary
 
 HEATMAP = "error_by_rank.png"
 BEST_VS_ZERO_SHOT = "best_vs_zero_shot.png"
@@ -20,21 +20,27 @@ def _label(language: str) -> str:
     return f"{language} ({get_language(language).primary_metric.upper()})"
 
 
-def error_grid(outcomes: Sequence[TrialOutcome]) -> tuple[list[str], list[int], np.ndarray]:
+def error_grid(trials: Sequence[TrialSummary]) -> tuple[list[str], list[int], np.ndarray]:
     """Best primary metric per (language, rank) over learning rates; NaN where every trial failed."""
-    languages = sorted({o.language for o in outcomes})
-    ranks = sorted({o.rank for o in outcomes})
+    languages = sorted({t.language for t in trials})
+    ranks = sorted({t.rank for t in trials})
     grid = np.full((len(languages), len(ranks)), np.nan)
-    for outcome in outcomes:
-        if outcome.failed:
+    for trial in trials:
+        if trial.failed or trial.primary is None:
             continue
-        row, col = languages.index(outcome.language), ranks.index(outcome.rank)
-        grid[row, col] = np.fmin(grid[row, col], outcome.best["primary"])
+        row, col = languages.index(trial.language), ranks.index(trial.rank)
+        grid[row, col] = np.fmin(grid[row, col], trial.primary)
     return languages, ranks, grid
 
 
-def plot_heatmap(outcomes: Sequence[TrialOutcome], path: Path) -> None:
-    languages, ranks, grid = error_grid(outcomes)
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def plot_heatmap(trials: Sequence[TrialSummary]) -> bytes:
+    languages, ranks, grid = error_grid(trials)
     figure = Figure(figsize=(2.6 + 1.1 * len(ranks), 1.4 + 0.6 * len(languages)))
     axes = figure.subplots()
     image = axes.imshow(grid, cmap="viridis_r", aspect="auto")
@@ -47,13 +53,13 @@ def plot_heatmap(outcomes: Sequence[TrialOutcome], path: Path) -> None:
     axes.set_title("Eval error by LoRA rank (best learning rate)")
     figure.colorbar(image, ax=axes, label="error rate (lower is better)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    return _png(figure)
 
 
-def plot_best_vs_zero_shot(entries: dict[str, dict], path: Path) -> None:
+def plot_best_vs_zero_shot(entries: dict[str, PublishedAdapter]) -> bytes:
     languages = sorted(entries)
-    zero = [entries[language]["zero_shot"]["primary"] for language in languages]
-    best = [entries[language]["value"] for language in languages]
+    zero = [entries[language].zero_shot.primary for language in languages]
+    best = [entries[language].value for language in languages]
     x = np.arange(len(languages))
     figure = Figure(figsize=(2 + 1.2 * len(languages), 3.5))
     axes = figure.subplots()
@@ -64,24 +70,25 @@ def plot_best_vs_zero_shot(entries: dict[str, dict], path: Path) -> None:
     axes.legend()
     axes.set_title("Published adapter vs zero-shot")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    return _png(figure)
 
 
-def markdown(manifest: dict, outcomes: Sequence[TrialOutcome]) -> str:
+def markdown(manifest: Manifest) -> str:
+    base = manifest.base_model
     lines = [
-        f"# {manifest['experiment']}: adapters per language",
+        f"# {manifest.experiment}: adapters per language",
         "",
-        f"Base model `{manifest['base_model']['id']}` (sha256 `{manifest['base_model']['sha256'][:12]}…`), "
-        f"published {manifest['created']}. Scores on the eval split; lower is better.",
+        f"Base model `{base.id}` (sha256 `{base.sha256[:12]}…`), "
+        f"published {manifest.created}. Scores on the eval split; lower is better.",
         "",
         "| language | metric | zero-shot | best | WER | CER | rank | lr | steps | trial |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for language, entry in sorted(manifest["languages"].items()):
+    for language, entry in sorted(manifest.languages.items()):
         lines.append(
-            f"| {language} | {entry['metric'].upper()} | {entry['zero_shot']['primary']:.3f} | {entry['value']:.3f} | "
-            f"{entry['wer']:.3f} | {entry['cer']:.3f} | {entry['rank']} | {entry['learning_rate']:g} | "
-            f"{entry['train_steps']} | {entry['trial_id']} |"
+            f"| {language} | {entry.metric.upper()} | {entry.zero_shot.primary:.3f} | {entry.value:.3f} | "
+            f"{entry.wer:.3f} | {entry.cer:.3f} | {entry.rank} | {entry.learning_rate:g} | "
+            f"{entry.train_steps} | {entry.trial_id} |"
         )
     lines += [
         "",
@@ -92,21 +99,20 @@ def markdown(manifest: dict, outcomes: Sequence[TrialOutcome]) -> str:
         "| trial | language | rank | lr | best | at step | status |",
         "|---|---|---|---|---|---|---|",
     ]
-    for o in sorted(outcomes, key=lambda o: (o.language, o.rank, o.learning_rate)):
-        best = f"{o.best['primary']:.3f}" if o.best else "-"
-        step = o.best["step"] if o.best else "-"
-        status = f"failed: {o.error.splitlines()[0][:80]}" if o.error else ("no checkpoint" if o.failed else "ok")
-        lines.append(f"| {o.trial_id} | {o.language} | {o.rank} | {o.learning_rate:g} | {best} | {step} | {status} |")
-    for note in manifest.get("kept_previous", []):
+    for t in sorted(manifest.trials, key=lambda t: (t.language, t.rank, t.learning_rate)):
+        best = "-" if t.primary is None else f"{t.primary:.3f}"
+        step = "-" if t.best_step is None else t.best_step
+        status = f"failed: {t.error.splitlines()[0][:80]}" if t.error else ("no checkpoint" if t.failed else "ok")
+        lines.append(f"| {t.trial_id} | {t.language} | {t.rank} | {t.learning_rate:g} | {best} | {step} | {status} |")
+    for note in manifest.kept_previous:
         lines.append(f"\n{note}")
     return "\n".join(lines) + "\n"
 
 
-def write_report(directory: Path, manifest: dict, outcomes: Sequence[TrialOutcome]) -> list[Path]:
-    """report.md and the PNGs, in ``directory``; returns the files written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    written = [directory / "report.md", directory / HEATMAP, directory / BEST_VS_ZERO_SHOT]
-    written[0].write_text(markdown(manifest, outcomes), encoding="utf-8")
-    plot_heatmap(outcomes, written[1])
-    plot_best_vs_zero_shot(manifest["languages"], written[2])
-    return written
+def report_files(manifest: Manifest) -> dict[str, bytes]:
+    """``report.md`` and the PNGs it shows, by file name: ``publish``'s attachments."""
+    return {
+        "report.md": markdown(manifest).encode("utf-8"),
+        HEATMAP: plot_heatmap(manifest.trials),
+        BEST_VS_ZERO_SHOT: plot_best_vs_zero_shot(manifest.languages),
+    }

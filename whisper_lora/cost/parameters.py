@@ -1,7 +1,7 @@
 """What full fine-tuning and LoRA train of each Whisper size, counted from configs alone: models are built on the
 meta device, so no weights are downloaded or allocated.
 
-    >>> parameter_budget("large-v2", LoraSettings(32, 64, 0.0, ("q_proj", "v_proj"))).trainable
+    >>> parameter_budget("large-v2", LoraConfigSection(rank=32, target_modules=["q_proj", "v_proj"])).trainable
     15728640
 """
 
@@ -14,8 +14,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import WhisperForConditionalGeneration
 
+from whisper_lora.config import LoraConfigSection
 from whisper_lora.models.sizes import SIZES, whisper_config
-from whisper_lora.train.model import LoraSettings
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _meta_counts(size: str) -> tuple[int, int, int, int]:
     return sum(p.numel() for p in model.parameters()), encoder, decoder, linear
 
 
-def parameter_budget(size: str, lora: LoraSettings | None = None) -> ParameterBudget:
+def parameter_budget(size: str, lora: LoraConfigSection | None = None) -> ParameterBudget:
     """Counts for ``size``; ``lora=None`` means full fine-tuning (every parameter trains)."""
     base, encoder, decoder, linear = _meta_counts(size)
     shape = SIZES[size]
@@ -75,11 +75,11 @@ def parameter_budget(size: str, lora: LoraSettings | None = None) -> ParameterBu
     )
 
 
-def _lora_parameters(size: str, lora: LoraSettings) -> int:
+def _lora_parameters(size: str, lora: LoraConfigSection) -> int:
     """Adapter parameters, counted by peft itself on a meta-device model (so module matching is peft's own)."""
     with torch.device("meta"):
         model = WhisperForConditionalGeneration(whisper_config(size))
-        targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        peft_model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets))
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.resolved_alpha, target_modules=lora.target_modules)
+        peft_model = get_peft_model(model, config)
     trainable, _ = peft_model.get_nb_trainable_parameters()
     return trainable

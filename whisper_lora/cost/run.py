@@ -21,8 +21,8 @@ from whisper_lora.models.resolve import resolve_base_model
 from whisper_lora.models.sizes import SIZES, size_of
 from whisper_lora.prepare import ensure_prepared
 from whisper_lora.ray_runtime import init_ray
-from whisper_lora.train.trainer import lora_settings, training_data, use_gpu
-from whisper_lora.tune.zero_shot import zero_shot_scores
+from whisper_lora.score import zero_shot_scores
+from whisper_lora.train.trainer import training_data, use_gpu
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def mean_label_tokens(directory: Path) -> float:
     return float(lengths.to_numpy().mean())
 
 
-def _names(target_modules: tuple[str, ...] | str) -> str:
+def _names(target_modules: list[str] | str) -> str:
     return target_modules if isinstance(target_modules, str) else ", ".join(target_modules)
 
 
@@ -62,7 +62,7 @@ def compare_cost(config: JobConfig) -> dict:
     measured: dict[str, Measurement] = {mode: measure(config, mode, language) for mode in ("full", "lora")}
     full, lora = measured["full"], measured["lora"]
     tokens = mean_label_tokens(split_dir(data_root, language, config.data.train_split))
-    settings = lora_settings(config)
+    settings = config.train.lora
     budgets = {size: parameter_budget(size, settings) for size in SIZES}
     work = workload(config.cost, full, tokens)
     ratio = lora.step_seconds / full.step_seconds
@@ -92,7 +92,11 @@ def compare_cost(config: JobConfig) -> dict:
         "eval_split": config.data.eval_split,
         "metric": get_language(language).primary_metric,
         "zero_shot": {key: before[key] for key in ("wer", "cer", "primary")},
-        "lora": {"rank": settings.rank, "alpha": settings.alpha, "target_modules": _names(settings.target_modules)},
+        "lora": {
+            "rank": settings.rank,
+            "alpha": settings.resolved_alpha,
+            "target_modules": _names(settings.target_modules),
+        },
         "measured": {mode: m.to_dict() for mode, m in measured.items()},
         "ratios_lora_over_full": {
             key: getattr(lora, key) / getattr(full, key)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
+from contextlib import nullcontext
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+from whisper_lora.storage import Location, open_location
 
 SAMPLE_RATE = 16_000
 """Whisper's input rate."""
@@ -25,19 +27,25 @@ class AudioError(ValueError):
         self.reason = reason
 
 
-def decode(source: bytes | str) -> tuple[np.ndarray, int]:
-    """Samples (frames × channels, float32) and the native rate of encoded bytes or a file path.
+def decode(source: bytes | str | Location) -> tuple[np.ndarray, int]:
+    """Samples (frames × channels, float32) and the native rate of encoded bytes or a file: a ``Location``, or a
+    path or URI opened with the environment's storage settings (``whisper_lora.storage``).
 
     Raises ``AudioError`` with reason ``missing_audio``, ``unreadable`` (empty, not audio, corrupt header) or
     ``truncated`` (fewer frames decoded than the stream header declares: a cut-off download).
     """
-    if isinstance(source, str) and not os.path.isfile(source):
-        raise AudioError("missing_audio", source)
+    if isinstance(source, str):
+        source = open_location(source)
+    if isinstance(source, Location) and not source.is_file():
+        raise AudioError("missing_audio", source.uri)
     try:
-        with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as stream:
+        with (
+            nullcontext(io.BytesIO(source)) if isinstance(source, bytes) else source.open() as handle,
+            sf.SoundFile(handle) as stream,
+        ):
             declared, rate = stream.frames, stream.samplerate
             samples = stream.read(dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
         raise AudioError("unreadable", str(exc)) from exc
     if samples.size == 0:
         raise AudioError("unreadable", "no samples")
@@ -54,7 +62,7 @@ def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     return soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
 
 
-def load_audio(source: bytes | str) -> np.ndarray:
+def load_audio(source: bytes | str | Location) -> np.ndarray:
     """Mono float32 samples at 16 kHz; raises ``AudioError`` for anything that is not decodable audio."""
     samples, rate = decode(source)
     return to_mono_16k(samples, rate)

@@ -11,6 +11,7 @@ from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
 from whisper_lora.data.audio import SAMPLE_RATE, AudioError, load_audio
 from whisper_lora.languages import get_language
+from whisper_lora.storage import Location
 from whisper_lora.text import clean_transcript, normalize_for_scoring
 
 DROP_REASONS = (
@@ -100,7 +101,7 @@ class Featurizer:
         log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
         return ((log_spec + 4.0) / 4.0).numpy()
 
-    def example(self, audio_source: bytes | str, sentence: str, language: str) -> Example:
+    def example(self, audio_source: bytes | Location, sentence: str, language: str) -> Example:
         """The model inputs of one row, or ``RowDropped`` saying why the row is unusable."""
         sentence = clean_transcript(sentence or "")
         if not normalize_for_scoring(sentence, get_language(language)):

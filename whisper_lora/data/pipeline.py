@@ -16,6 +16,7 @@ from whisper_lora.config import DataConfig
 from whisper_lora.data.features import Limits, RowDropped, cached_featurizer
 from whisper_lora.data.sources import read_source
 from whisper_lora.data.stats import BatchStats, GroupStats, batch_key
+from whisper_lora.storage import StorageOptions, open_location
 
 KEEP_DROPPED_EXAMPLES = 5
 """Row ids kept per drop reason and batch, so ``stats.json`` shows which files to look at."""
@@ -26,7 +27,11 @@ def limits_of(data: DataConfig) -> Limits:
 
 
 def featurize_batch(
-    batch: dict[str, np.ndarray], model_dir: str, limits: Limits, collector: ray.actor.ActorHandle
+    batch: dict[str, np.ndarray],
+    model_dir: str,
+    limits: Limits,
+    collector: ray.actor.ActorHandle,
+    storage: StorageOptions,
 ) -> pa.Table:
     """Model inputs for the usable rows of ``batch``; every other row is counted under its drop reason."""
     featurizer = cached_featurizer(model_dir, limits)
@@ -37,9 +42,9 @@ def featurize_batch(
         language, split = str(batch["language"][i]), str(batch["split"][i])
         group = stats.setdefault((language, split), GroupStats())
         group.rows_in += 1
-        audio = batch["audio_bytes"][i] or batch["audio_path"][i]
+        audio = batch["audio_bytes"][i] or open_location(str(batch["audio_path"][i] or ""), storage)
         try:
-            example = featurizer.example(audio or "", str(batch["sentence"][i] or ""), language)
+            example = featurizer.example(audio, str(batch["sentence"][i] or ""), language)
         except RowDropped as dropped:
             group.audio_seconds_in += dropped.duration_s
             group.dropped[dropped.reason] += 1
@@ -87,12 +92,18 @@ def _tensor_column(features: list[np.ndarray], n_mels: int) -> pa.Array:
 
 
 def featurize(
-    data: DataConfig, model_dir: str, splits: list[str], collector: ray.actor.ActorHandle
+    data: DataConfig,
+    model_dir: str,
+    splits: list[str],
+    collector: ray.actor.ActorHandle,
+    storage: StorageOptions | None = None,
 ) -> ray.data.Dataset:
-    """The lazy dataset of model inputs for ``splits`` of every configured language."""
-    return read_source(data, splits).map_batches(
+    """The lazy dataset of model inputs for ``splits`` of every configured language; audio referenced by path
+    is read through ``storage`` (local, NFS or ``s3://``)."""
+    storage = storage or StorageOptions()
+    return read_source(data, splits, storage).map_batches(
         featurize_batch,
         batch_size=data.batch_size,
         batch_format="numpy",
-        fn_kwargs={"model_dir": model_dir, "limits": limits_of(data), "collector": collector},
+        fn_kwargs={"model_dir": model_dir, "limits": limits_of(data), "collector": collector, "storage": storage},
     )

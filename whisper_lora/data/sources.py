@@ -7,22 +7,19 @@ its text rows (kilobytes per thousand clips), Parquet shards are streamed by ``r
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
-import os
-import re
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
 from whisper_lora.config import DataConfig
+from whisper_lora.storage import Location, StorageOptions, expand, is_remote, open_location
 
 ROW_SCHEMA = pa.schema(
     [
@@ -42,52 +39,36 @@ class SourceError(ValueError):
     """A source that cannot be read at all (missing file, missing column): raised before any Ray work."""
 
 
-def expand(pattern: str) -> list[str]:
-    """Files matching a local or remote path that may be a file, a directory (all files below) or a glob."""
-    filesystem, path = pafs.FileSystem.from_uri(pattern) if "://" in pattern else (pafs.LocalFileSystem(), pattern)
-    prefix = "" if "://" not in pattern else pattern[: pattern.index("://") + 3]
-    wildcard = re.search(r"[*?\[]", path)
-    if not wildcard:
-        info = filesystem.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return [prefix + path]
-        if info.type == pafs.FileType.NotFound:
-            return []
-        base, pattern_rest = path, None
-    else:
-        base, pattern_rest = path[: wildcard.start()].rsplit("/", 1)[0], path
-    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-    files = sorted(
-        info.path
-        for info in filesystem.get_file_info(selector)
-        if info.type == pafs.FileType.File and (pattern_rest is None or fnmatch.fnmatch(info.path, pattern_rest))
-    )
-    return [prefix + file for file in files]
+def _audio_uri(folder: Location, reference: str) -> str:
+    """Where a row's audio is: relative references resolve against the folder of the file naming them."""
+    return reference if is_remote(reference) or reference.startswith("/") else folder.join(reference).uri
 
 
 def _table(rows: dict[str, list], n: int) -> pa.Table:
     return pa.table({name: rows.get(name, [None] * n) for name in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
 
 
-def _common_voice_split(root: str, language: str, split: str, limit: int | None) -> pa.Table:
-    tsv = os.path.join(root, language, f"{split}.tsv")
-    if not os.path.isfile(tsv):
-        raise SourceError(f"Common Voice split file not found: {tsv}")
+def _common_voice_split(root: Location, language: str, split: str, limit: int | None) -> pa.Table:
+    tsv = root.join(language, f"{split}.tsv")
+    if not tsv.is_file():
+        raise SourceError(f"Common Voice split file not found: {tsv.uri}")
     options = pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=lambda row: "skip")
     convert = pacsv.ConvertOptions(
         strings_can_be_null=False, column_types={"path": pa.string(), "sentence": pa.string()}
     )
     try:
-        table = pacsv.read_csv(tsv, parse_options=options, convert_options=convert)
+        with tsv.open() as handle:
+            table = pacsv.read_csv(handle, parse_options=options, convert_options=convert)
     except pa.ArrowInvalid as exc:
-        raise SourceError(f"{tsv}: not a readable TSV: {exc}") from exc
+        raise SourceError(f"{tsv.uri}: not a readable TSV: {exc}") from exc
     missing = {"path", "sentence"} - set(table.column_names)
     if missing:
-        raise SourceError(f"{tsv}: missing column(s) {sorted(missing)}; Common Voice TSVs have 'path' and 'sentence'")
+        columns = f"missing column(s) {sorted(missing)}; Common Voice TSVs have 'path' and 'sentence'"
+        raise SourceError(f"{tsv.uri}: {columns}")
     if limit is not None:
         table = table.slice(0, limit)
     names = table.column("path").to_pylist()
-    clips = os.path.join(root, language, "clips")
+    clips = root.join(language, "clips")
     n = len(names)
     return _table(
         {
@@ -95,35 +76,36 @@ def _common_voice_split(root: str, language: str, split: str, limit: int | None)
             "language": [language] * n,
             "split": [split] * n,
             "sentence": table.column("sentence").to_pylist(),
-            "audio_path": [os.path.join(clips, name) for name in names],
+            "audio_path": [clips.join(name).uri for name in names],
         },
         n,
     )
 
 
-def _manifest_split(pattern: str, languages: list[str], split: str, limit: int | None) -> Iterator[pa.Table]:
+def _manifest_split(
+    pattern: str, languages: list[str], split: str, limit: int | None, storage: StorageOptions
+) -> Iterator[pa.Table]:
     for language in languages if "{lang}" in pattern else [None]:
         path = pattern.replace("{split}", split).replace("{lang}", language or "")
-        files = expand(path)
+        files = expand(path, storage)
         if not files:
             raise SourceError(f"no manifest matches {path}")
         ids, langs, sentences, audio = [], [], [], []
         for file in files:
-            with open(file, encoding="utf-8") as lines:
-                for number, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise SourceError(f"{file}:{number}: not JSON: {exc}") from exc
-                    row_language = language or entry.get("language") or entry.get("lang")
-                    if row_language not in languages:
-                        continue
-                    ids.append(f"{os.path.basename(file)}:{number}")
-                    langs.append(row_language)
-                    sentences.append(entry.get("text", ""))
-                    audio.append(os.path.join(os.path.dirname(file), entry.get("audio_filepath", "")))
+            for number, line in enumerate(file.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SourceError(f"{file.uri}:{number}: not JSON: {exc}") from exc
+                row_language = language or entry.get("language") or entry.get("lang")
+                if row_language not in languages:
+                    continue
+                ids.append(f"{file.name}:{number}")
+                langs.append(row_language)
+                sentences.append(entry.get("text", ""))
+                audio.append(_audio_uri(file.parent, entry.get("audio_filepath", "")))
         if limit is not None:
             ids, langs, sentences, audio = (column[:limit] for column in (ids, langs, sentences, audio))
         n = len(ids)
@@ -139,15 +121,15 @@ def _rows_to_dataset(tables: list[pa.Table], block_rows: int) -> ray.data.Datase
     return ray.data.from_arrow(blocks)
 
 
-def _parquet_columns(file: str) -> list[str]:
-    filesystem, path = pafs.FileSystem.from_uri(file) if "://" in file else (pafs.LocalFileSystem(), file)
-    with filesystem.open_input_file(path) as handle:
+def _parquet_columns(file: Location) -> list[str]:
+    with file.open() as handle:
         return pq.read_schema(handle).names
 
 
 def _normalize_parquet_batch(
-    batch: dict[str, np.ndarray], language: str | None, languages: list[str], split: str
+    batch: dict[str, np.ndarray], language: str | None, languages: list[str], split: str, root: Location
 ) -> pa.Table:
+    """Rows of the common schema; ``root``: a location on the files' filesystem (their paths are relative to it)."""
     text_column = next(name for name in TEXT_COLUMNS if name in batch)
     language_column = next((name for name in LANGUAGE_COLUMNS if name in batch), None)
     audio = batch["audio"]
@@ -156,9 +138,9 @@ def _normalize_parquet_batch(
     audio_paths = []
     for item, file in zip(audio, files, strict=True):
         inner = item.get("path") if isinstance(item, dict) else None
-        audio_paths.append(os.path.join(os.path.dirname(file), inner) if inner and "://" not in file else inner)
+        audio_paths.append(_audio_uri(root.within(str(file)).parent, inner) if inner else None)
     ids = [
-        f"{os.path.basename(file)}:{inner or hashlib.sha1(data or b'').hexdigest()[:16]}"
+        f"{root.within(str(file)).name}:{inner or hashlib.sha1(data or b'').hexdigest()[:16]}"
         for file, inner, data in zip(files, audio_paths, audio_bytes, strict=True)
     ]
     n = len(ids)
@@ -176,37 +158,47 @@ def _normalize_parquet_batch(
     return table if language else table.filter(pc.is_in(table["language"], pa.array(languages)))
 
 
-def _parquet_split(pattern: str, languages: list[str], split: str, limit: int | None) -> Iterator[ray.data.Dataset]:
+def _parquet_split(
+    pattern: str, languages: list[str], split: str, limit: int | None, storage: StorageOptions
+) -> Iterator[ray.data.Dataset]:
     for language in languages if "{lang}" in pattern else [None]:
         path = pattern.replace("{split}", split).replace("{lang}", language or "")
-        files = expand(path)
+        files = expand(path, storage)
         if not files:
             raise SourceError(f"no Parquet file matches {path}")
         columns = _parquet_columns(files[0])
         if "audio" not in columns or not any(name in columns for name in TEXT_COLUMNS):
-            raise SourceError(f"{files[0]}: needs an 'audio' column and one of {TEXT_COLUMNS}; has {columns}")
+            raise SourceError(f"{files[0].uri}: needs an 'audio' column and one of {TEXT_COLUMNS}; has {columns}")
         if language is None and not any(name in columns for name in LANGUAGE_COLUMNS):
-            raise SourceError(f"{files[0]}: no language column {LANGUAGE_COLUMNS}; put '{{lang}}' in the path")
+            raise SourceError(f"{files[0].uri}: no language column {LANGUAGE_COLUMNS}; put '{{lang}}' in the path")
         wanted = ["audio", *(name for name in (*TEXT_COLUMNS, *LANGUAGE_COLUMNS) if name in columns)]
-        dataset = ray.data.read_parquet(files, columns=wanted, include_paths=True)
+        dataset = ray.data.read_parquet(
+            [file.path for file in files], filesystem=files[0].fs, columns=wanted, include_paths=True
+        )
         dataset = dataset.map_batches(
             _normalize_parquet_batch,
-            fn_kwargs={"language": language, "languages": languages, "split": split},
+            fn_kwargs={"language": language, "languages": languages, "split": split, "root": files[0]},
             batch_format="numpy",
         )
         yield dataset.limit(limit) if limit is not None else dataset
 
 
-def read_source(data: DataConfig, splits: list[str]) -> ray.data.Dataset:
-    """All rows of ``splits`` for the configured languages, one lazily-read dataset."""
-    source, limit = data.source, data.limit_per_split
+def read_source(data: DataConfig, splits: list[str], storage: StorageOptions | None = None) -> ray.data.Dataset:
+    """All rows of ``splits`` for the configured languages, one lazily-read dataset; files are opened through
+    ``storage`` (a local or NFS path, ``s3://``, or any other location ``whisper_lora.storage`` opens)."""
+    source, limit, storage = data.source, data.limit_per_split, storage or StorageOptions()
     if source.kind == "common_voice":
-        tables = [_common_voice_split(source.path, lang, split, limit) for lang in data.languages for split in splits]
+        root = open_location(source.path, storage)
+        tables = [_common_voice_split(root, lang, split, limit) for lang in data.languages for split in splits]
         return _rows_to_dataset(tables, data.batch_size)
     if "{split}" not in source.path:
         raise SourceError(f"source.path {source.path!r} needs a '{{split}}' placeholder for kind {source.kind}")
     if source.kind == "manifest":
-        tables = [table for split in splits for table in _manifest_split(source.path, data.languages, split, limit)]
+        tables = [
+            table for split in splits for table in _manifest_split(source.path, data.languages, split, limit, storage)
+        ]
         return _rows_to_dataset(tables, data.batch_size)
-    datasets = [dataset for split in splits for dataset in _parquet_split(source.path, data.languages, split, limit)]
+    datasets = [
+        dataset for split in splits for dataset in _parquet_split(source.path, data.languages, split, limit, storage)
+    ]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

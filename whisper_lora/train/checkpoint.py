@@ -11,16 +11,27 @@ Everything is safetensors or JSON: nothing is unpickled from shared storage. Lay
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from whisper_lora.metrics import PRIMARY
+
 ADAPTER_DIR = "adapter"
 FULL_WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
+
+
+def checkpoint_order(metrics: Mapping[str, Any]) -> tuple[float, int]:
+    """Sort key of a reported checkpoint's metrics, best first: the lowest primary metric, ties to the later step.
+    Ray's keep-the-best policy (``checkpoint_score_order="min"``) ranks them the same way, so what it keeps and
+    what is picked from it agree."""
+    return metrics[PRIMARY], -metrics["step"]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

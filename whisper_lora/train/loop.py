@@ -3,75 +3,144 @@
 Resuming is exact: a checkpoint records the optimizer step and how many micro-batches of the current epoch
 were consumed, and a restarted worker group skips those before it trains again. The run always ends after
 ``max_steps`` optimizer steps, however often it restarts.
+
+The step and everything it needs live in ``train.step`` and work without Ray; this module adds what Ray brings:
+the worker group's device and DDP, its data shard read an epoch at a time (``epoch_groups``), checkpoints handed
+to Ray, preemption notices, and the reports.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import os
 import resource
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from typing import TypeVar
 
 import ray.train
 import ray.train.torch
 import torch
-from transformers import WhisperTokenizer, get_linear_schedule_with_warmup
+from ray.data import DataIterator
 
-from whisper_lora.data.collate import collate, model_inputs
-from whisper_lora.data.prepared import iter_batches
-from whisper_lora.evaluate import evaluate
-from whisper_lora.train.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from whisper_lora.train.model import LoraSettings, Mode, count_parameters, load_for_training, target_modules
-from whisper_lora.train.precision import Device, PrecisionChoice, choose_precision
+from whisper_lora.evaluate import score_split
+from whisper_lora.metrics import PRIMARY
+from whisper_lora.train.checkpoint import save_checkpoint, unwrap
+from whisper_lora.train.step import (
+    Progress,
+    Rows,
+    StepResult,
+    Worker,
+    WorkerPlan,
+    build_worker,
+    restore,
+    should_evaluate,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 LOG_EVERY_STEPS = 10
+T = TypeVar("T")
 
 
-@dataclass
-class WorkerPlan:
-    """Everything a worker needs, decided on the driver (plain values: it crosses process boundaries)."""
+def _ray_worker(plan: WorkerPlan) -> Worker:
+    """This Train worker's ``Worker``: on the device Ray assigned it, its model in DDP across the group."""
+    context = ray.train.get_context()
+    worker = build_worker(plan, ray.train.torch.get_device(), context.get_world_rank(), context.get_world_size())
+    if worker.world > 1:
+        worker.model = ray.train.torch.prepare_model(worker.model, move_to_device=False)
+    return worker
 
-    base_path: str
-    language: str
-    micro_batches_per_epoch: int
-    """Micro-batches each worker takes from its shard per epoch: equal on every worker, so DDP never waits."""
-    eval_dir: str
-    """Prepared eval split (a path every worker can read: local, NFS or s3://)."""
-    mode: Mode = "lora"
-    precision: str = "auto"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    freeze_encoder: bool = False
-    """Adapt the decoder only; the train and eval splits then hold cached encoder output."""
-    eval_every_steps: int | None = None
-    eval_each_epoch: bool = True
-    torch_threads: int | None = None
-    eval_batch_size: int = 8
-    eval_max_utterances: int | None = None
-    seed: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+def _timed(items: Iterable[T]) -> Iterator[tuple[T, float]]:
+    """Each item with the seconds it took to get."""
+    iterator = iter(items)
+    while True:
+        asked = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item, time.perf_counter() - asked
 
-    @classmethod
-    def from_dict(cls, values: dict) -> WorkerPlan:
-        lora = values["lora"]
-        return cls(
-            **{**values, "lora": LoraSettings(**{**lora, "target_modules": target_modules(lora["target_modules"])})}
+
+def epoch_groups(shard: DataIterator, plan: WorkerPlan, rank: int, skip: int = 0) -> Iterator[tuple[list[Rows], float]]:
+    """One epoch of this worker's shard as optimizer steps: groups of ``train.grad_accum`` micro-batches, each with
+    the seconds the loop waited for them. At most ``micro_batches_per_epoch`` micro-batches are read; the first
+    ``skip`` (trained on before a restart) are read and left out, and so is a last group the shard cannot fill.
+    A shard that cannot fill one group from the start raises: the loop would otherwise start epoch after epoch
+    without a step (after a restart, nothing left past ``skip`` is just the end of that epoch)."""
+    train = plan.train
+    batches = shard.iter_batches(batch_size=train.batch_size, drop_last=True)
+    group: list[Rows] = []
+    waited, read, steps = 0.0, 0, 0
+    for rows, seconds in _timed(itertools.islice(batches, plan.micro_batches_per_epoch)):
+        read += 1
+        if read <= skip:
+            continue
+        group.append(rows)
+        waited += seconds
+        if len(group) == train.grad_accum:
+            steps += 1
+            yield group, waited
+            group, waited = [], 0.0
+    if not steps and not skip:
+        raise RuntimeError(
+            f"rank {rank}: the train shard yielded {read} batch(es) of {train.batch_size} (after skipping {skip}): "
+            f"not one optimizer step of {train.grad_accum}"
         )
+
+
+def resume(worker: Worker) -> Progress:
+    """Training position: from the checkpoint a restarted worker group is handed, else the start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as directory:
+        progress = restore(worker, directory)
+    log.info("rank %d resumed at step %d (epoch %d, batch %d)", worker.rank, progress.step, progress.epoch,
+             progress.batches_done)  # fmt: skip
+    return progress
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Train ``train.max_steps`` optimizer steps, evaluating and checkpointing at epoch ends (and every N steps);
+    when Ray reports that a node of this worker group is being preempted, checkpoint at once (no evaluation)."""
+    plan = WorkerPlan.model_validate(config)
+    logging.getLogger("whisper_lora").setLevel(logging.INFO)  # Ray's worker handlers take INFO; the root is WARNING
+    worker = _ray_worker(plan)
+    progress = resume(worker)
+    shard = ray.train.get_dataset_shard("train")
+    since_report: list[StepResult] = []
+    clock = time.perf_counter()
+    saved_for_preemption = False
+    while progress.step < plan.train.max_steps:
+        for micro_batches, waited in epoch_groups(shard, plan, worker.rank, progress.batches_done):
+            result = train_step(worker, micro_batches)
+            since_report.append(result)
+            progress.count(micro_batches, waited, worker.world)
+            if worker.rank == 0 and progress.step % LOG_EVERY_STEPS == 0:
+                log.info("step %d/%d loss %.4f grad norm %.3f lr %.2e", progress.step, plan.train.max_steps,
+                         result.loss, result.grad_norm, worker.scheduler.get_last_lr()[0])  # fmt: skip
+            epoch_end = progress.batches_done + plan.train.grad_accum > plan.micro_batches_per_epoch  # no step left
+            if epoch_end:
+                progress.next_epoch()
+            evaluating = should_evaluate(plan.train, progress.step, epoch_end)
+            # a collective: every rank asks after the same steps (those not followed by an evaluation)
+            preempted = not evaluating and ray.train.get_preemption_info() is not None
+            if evaluating or (preempted and not saved_for_preemption):
+                progress.train_seconds += time.perf_counter() - clock
+                _report(worker, progress, since_report, evaluating)
+                saved_for_preemption = saved_for_preemption or preempted
+                since_report, clock = [], time.perf_counter()
+            if epoch_end or progress.step >= plan.train.max_steps:
+                break
+        else:
+            progress.next_epoch()  # the shard ran out before the planned micro-batches
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -80,219 +149,54 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _evaluate_on_rank0(model: torch.nn.Module, tokenizer: WhisperTokenizer, plan: WorkerPlan) -> dict:
+def _evaluate_on_rank0(worker: Worker) -> dict:
     """Score on the whole eval split, read straight from the prepared Parquet (small; no Ray Data round)."""
-    inner = unwrap(model)
+    plan, inner = worker.plan, unwrap(worker.model)
     inner.config.use_cache = True
-    batches = iter_batches(plan.eval_dir, plan.eval_batch_size, plan.eval_max_utterances)
-    scores = evaluate(inner, tokenizer, batches, plan.language, keep_samples=3)
+    scores = score_split(
+        inner, worker.tokenizer, plan.eval_dir, plan.language, plan.eval.batch_size, plan.eval.max_utterances, 3
+    )
     inner.config.use_cache = False
+    worker.model.train()
     return scores
 
 
-@dataclass
-class _Worker:
-    """What one worker trains with, built once (and rebuilt on every restart of the worker group)."""
-
-    plan: WorkerPlan
-    model: torch.nn.Module
-    tokenizer: WhisperTokenizer
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    precision: PrecisionChoice
-    rank: int
-    world: int
-    facts: dict
-    """Run-constant metrics: parameter counts, language, mode, precision, device."""
-    scores: dict = field(default_factory=dict)
-    """The last evaluation's scores; a preemption checkpoint, taken without evaluating, carries them."""
-
-    def checkpoint(self, progress: dict, metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.scaler, progress)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def _build_worker(plan: WorkerPlan) -> _Worker:
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(plan.seed)
-    if plan.torch_threads:
-        torch.set_num_threads(plan.torch_threads)
-    device = ray.train.torch.get_device()
-    choice = choose_precision(plan.precision, Device.current())
-    if rank == 0:
-        log.info("precision %s (%s); %d torch threads", choice.precision, choice.reason, torch.get_num_threads())
-    model = load_for_training(
-        plan.base_path, choice, device, plan.mode, plan.lora, plan.gradient_checkpointing, plan.freeze_encoder
-    )
-    parameters = count_parameters(model)
-    facts = {
-        "trainable_parameters": parameters.trainable,
-        "total_parameters": parameters.total,
-        "language": plan.language,
-        "mode": plan.mode,
-        "precision": choice.precision,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-    }
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=plan.weight_decay)
-    return _Worker(
-        plan=plan,
-        model=model,
-        tokenizer=WhisperTokenizer.from_pretrained(plan.base_path),
-        optimizer=optimizer,
-        scheduler=get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.max_steps),
-        scaler=torch.amp.GradScaler(device.type, enabled=choice.needs_loss_scaling and device.type == "cuda"),
-        device=device,
-        precision=choice,
-        rank=rank,
-        world=world,
-        facts=facts,
-    )
-
-
-def _autocast(worker: _Worker):
-    dtype = worker.precision.autocast_dtype
-    return torch.autocast(worker.device.type, dtype=dtype) if dtype and worker.device.type == "cuda" else nullcontext()
-
-
-def _resume(worker: _Worker) -> dict:
-    """Training position: from the checkpoint a restarted worker group is handed, else the start."""
-    progress = {"step": 0, "epoch": 0, "batches_done": 0, "samples": 0, "audio_seconds": 0.0, "train_seconds": 0.0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            saved = load_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, worker.scaler)
-        progress.update(saved)
-        log.info(
-            "rank %d resumed at step %d (epoch %d, batch %d)",
-            worker.rank,
-            progress["step"],
-            progress["epoch"],
-            progress["batches_done"],
-        )
-    progress.setdefault("data_wait_seconds", 0.0)
-    return progress
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Train ``plan.max_steps`` optimizer steps, evaluating and checkpointing at epoch ends (and every N steps);
-    when Ray reports that a node of this worker group is being preempted, checkpoint at once (no evaluation)."""
-    plan = WorkerPlan.from_dict(config)
-    logging.getLogger("whisper_lora").setLevel(logging.INFO)  # Ray's worker handlers take INFO; the root is WARNING
-    worker = _build_worker(plan)
-    model, optimizer, scaler = worker.model, worker.optimizer, worker.scaler
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    autocast = _autocast(worker)
-    progress = _resume(worker)
-    shard = ray.train.get_dataset_shard("train")
-    model.train()
-    window = {"losses": [], "step_seconds": []}  # since the last report; step_seconds: compute only
-    saved_for_preemption = False
-    while progress["step"] < plan.max_steps:
-        started = waiting = time.perf_counter()
-        batches = shard.iter_batches(batch_size=plan.batch_size, drop_last=True)
-        index = -1
-        step_compute = 0.0
-        for index, rows in enumerate(batches):
-            if index >= plan.micro_batches_per_epoch:
-                break
-            if index < progress["batches_done"]:
-                waiting = time.perf_counter()
-                continue
-            computing = time.perf_counter()
-            progress["data_wait_seconds"] += computing - waiting
-            batch = model_inputs(collate(rows), worker.device)
-            with autocast:
-                loss = model(**batch).loss / plan.grad_accum
-            scaler.scale(loss).backward()
-            loss_value = loss.item() * plan.grad_accum
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"{plan.language}: loss is {loss_value} at step {progress['step'] + 1}: the run diverged "
-                    f"(learning rate {plan.learning_rate:g}; lower train.learning_rate or raise warmup_steps)"
-                )
-            window["losses"].append(loss_value)
-            progress["batches_done"] = index + 1
-            progress["samples"] += len(rows["id"]) * worker.world
-            progress["audio_seconds"] += float(sum(rows["duration_s"])) * worker.world
-            if progress["batches_done"] % plan.grad_accum:
-                step_compute += time.perf_counter() - computing
-                waiting = time.perf_counter()
-                continue
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, plan.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            worker.scheduler.step()
-            progress["step"] += 1
-            window["step_seconds"].append(step_compute + time.perf_counter() - computing)
-            step_compute = 0.0
-            if worker.rank == 0 and progress["step"] % LOG_EVERY_STEPS == 0:
-                log.info("step %d/%d loss %.4f lr %.2e", progress["step"], plan.max_steps, loss_value,
-                         worker.scheduler.get_last_lr()[0])  # fmt: skip
-            epoch_end = progress["batches_done"] + plan.grad_accum > plan.micro_batches_per_epoch
-            due = plan.eval_every_steps is not None and progress["step"] % plan.eval_every_steps == 0
-            last = progress["step"] >= plan.max_steps
-            if epoch_end:
-                progress["epoch"] += 1
-                progress["batches_done"] = 0
-            scoring = due or (epoch_end and plan.eval_each_epoch) or last
-            # a collective: every rank asks after the same steps (those not followed by an evaluation)
-            preempted = not scoring and ray.train.get_preemption_info() is not None
-            if scoring or (preempted and not saved_for_preemption):
-                progress["train_seconds"] += time.perf_counter() - started
-                _report(worker, progress, window, scoring)
-                saved_for_preemption = saved_for_preemption or preempted
-                started = time.perf_counter()
-                window = {"losses": [], "step_seconds": []}
-            if last or epoch_end:
-                break
-            waiting = time.perf_counter()
-        else:
-            if index < 0:
-                raise RuntimeError(f"rank {worker.rank}: the train shard yielded no batch of {plan.batch_size}")
-            progress["epoch"] += 1  # the shard ran out before the planned micro-batches: start the next epoch
-            progress["batches_done"] = 0
-
-
-def _report(worker: _Worker, progress: dict, window: dict, scoring: bool) -> None:
+def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluating: bool) -> None:
     """Report the same metrics from every worker; rank 0 evaluates (unless this is a preemption checkpoint) and
     checkpoints. ``samples_per_second`` counts everything since the start (data included, evaluation not);
-    ``step_seconds`` is the median compute time of an optimizer step since the last report, and
+    ``step_seconds`` is the median compute time of an optimizer step since the last report (``steps``), and
     ``data_wait_seconds`` how long batches kept the loop waiting."""
-    losses, step_seconds = window["losses"], window["step_seconds"]
+    train_seconds = max(progress.train_seconds, 1e-9)
     metrics = {
-        "step": progress["step"],
-        "epoch": progress["epoch"],
-        "loss": sum(losses) / len(losses) if losses else math.nan,
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "loss": statistics.fmean(step.loss for step in steps),
         "learning_rate": worker.scheduler.get_last_lr()[0],
-        "samples_per_second": progress["samples"] / max(progress["train_seconds"], 1e-9),
-        "audio_seconds_per_second": progress["audio_seconds"] / max(progress["train_seconds"], 1e-9),
-        "step_seconds": statistics.median(step_seconds) if step_seconds else math.nan,
-        "data_wait_seconds": progress["data_wait_seconds"],
-        "accelerator_seconds": progress["train_seconds"] * worker.world,
+        "samples_per_second": progress.samples / train_seconds,
+        "audio_seconds_per_second": progress.audio_seconds / train_seconds,
+        "step_seconds": statistics.median(step.seconds for step in steps),
+        "data_wait_seconds": progress.data_wait_seconds,
+        "accelerator_seconds": progress.train_seconds * worker.world,
         "peak_memory_bytes": _peak_memory_bytes(worker.device),
-        "checkpoint_reason": "evaluation" if scoring else "preemption",
+        "checkpoint_reason": "evaluation" if evaluating else "preemption",
         **worker.facts,
     }
     if worker.rank != 0:
         ray.train.report(metrics)
         return
-    if scoring:
-        scores = _evaluate_on_rank0(worker.model, worker.tokenizer, worker.plan)
-        worker.scores = {key: scores[key] for key in ("wer", "cer", "raw_wer", "primary", "utterances")}
+    if evaluating:
+        scores = _evaluate_on_rank0(worker)
+        worker.scores = {key: scores[key] for key in ("wer", "cer", "raw_wer", PRIMARY, "utterances")}
         worker.scores["eval_seconds"] = scores["seconds"]
-        worker.model.train()
     else:
-        log.warning("node preemption announced: checkpointing at step %d before it goes", progress["step"])
+        log.warning("node preemption announced: checkpointing at step %d before it goes", progress.step)
     # a preemption checkpoint carries the last evaluation's scores (so Ray's keep-the-best policy keeps it beside
     # that evaluated one), or +inf before any evaluation; selection never picks it (``tune.select``)
-    metrics.update(worker.scores or {"wer": math.inf, "cer": math.inf, "raw_wer": math.inf, "primary": math.inf})
-    worker.checkpoint(progress, metrics)
+    metrics.update(worker.scores or {"wer": math.inf, "cer": math.inf, "raw_wer": math.inf, PRIMARY: math.inf})
+    _checkpoint(worker, progress, metrics)
+
+
+def _checkpoint(worker: Worker, progress: Progress, metrics: dict) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, worker.scaler, asdict(progress))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

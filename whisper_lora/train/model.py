@@ -10,26 +10,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
 
+from whisper_lora.config import LoraConfigSection
 from whisper_lora.train.precision import PrecisionChoice
 
 Mode = Literal["lora", "full"]
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
-    """Module names, or ``"all-linear"``."""
-
-
-def target_modules(value: list[str] | tuple[str, ...] | str) -> tuple[str, ...] | str:
-    """Config or JSON form (list) → ``LoraSettings`` form (tuple, or ``"all-linear"``)."""
-    return value if isinstance(value, str) else tuple(value)
 
 
 @dataclass(frozen=True)
@@ -53,11 +40,12 @@ def load_for_training(
     choice: PrecisionChoice,
     device: torch.device,
     mode: Mode = "lora",
-    lora: LoraSettings = LoraSettings(),
+    lora: LoraConfigSection | None = None,
     gradient_checkpointing: bool = True,
     freeze_encoder: bool = False,
 ) -> torch.nn.Module:
-    """Base model (+ LoRA in ``lora`` mode) ready for the optimizer, on ``device``.
+    """Base model (+ LoRA of shape ``lora``, the config's default when None, in ``lora`` mode) ready for the
+    optimizer, on ``device``.
 
     ``freeze_encoder``: only the decoder learns (adapters in decoder modules only; in full mode the encoder's
     weights are frozen), so the encoder's output can be computed once and cached (``whisper_lora.encode``).
@@ -91,21 +79,18 @@ def load_for_training(
     if gradient_checkpointing and not freeze_encoder:
         # Frozen conv weights give the encoder's input no grad; checkpointed blocks then see no grad to pass back.
         model.model.encoder.conv1.register_forward_hook(_conv_output_requires_grad)
+    lora = lora or LoraConfigSection()
     config = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.resolved_alpha,
         lora_dropout=lora.dropout,
-        target_modules=decoder_targets(model, lora.target_modules) if freeze_encoder else _peft_targets(lora),
+        target_modules=decoder_targets(model, lora.target_modules) if freeze_encoder else lora.target_modules,
         bias="none",
     )
     return get_peft_model(model, config)
 
 
-def _peft_targets(lora: LoraSettings) -> list[str] | str:
-    return lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-
-
-def decoder_targets(model: torch.nn.Module, names: tuple[str, ...] | str) -> list[str]:
+def decoder_targets(model: torch.nn.Module, names: list[str] | str) -> list[str]:
     """Full names of the decoder's linear layers matching ``names`` (or all of them for ``"all-linear"``).
     A name matches as peft matches it: by its last dotted segments (``v_proj``, ``encoder_attn.v_proj``)."""
     wanted = None if names == "all-linear" else set(names)
@@ -119,9 +104,3 @@ def decoder_targets(model: torch.nn.Module, names: tuple[str, ...] | str) -> lis
     if not targets:
         raise ValueError(f"no decoder linear layer matches target modules {names!r}")
     return targets
-
-
-def load_adapter(base_path: str, adapter_dir: str, device: torch.device | str = "cpu") -> PeftModel:
-    """Base model (fp32) plus a saved peft adapter, for inference."""
-    base = WhisperForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32).to(device)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()

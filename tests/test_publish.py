@@ -1,0 +1,212 @@
+"""Publishing without a sweep: adapters saved from the tiny model, to a directory and to S3 on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.builders import ZERO_SHOT, failed, outcome, random_adapters, sha256
+from whisper_lora.config import load_config
+from whisper_lora.manifest import MANIFEST, BaseModelRecord, adapter_files, read_manifest
+from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.publish import Upload, publish_selection
+from whisper_lora.report import report_files
+from whisper_lora.storage import Location, StorageOptions, open_location
+from whisper_lora.transcribe import PublishedAdapterError, find_entry
+from whisper_lora.tune.select import TrialOutcome, selected_adapter
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+    """Checkpoint directories (``<name>/adapter/``) with different LoRA weights."""
+    return random_adapters(tiny_model_dir, tmp_path_factory.mktemp("checkpoints"), ["good", "worse"])
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir) -> BaseModelRecord:
+    resolved = resolve_base_model(tiny_model_dir, Path(tiny_model_dir) / "cache")
+    return BaseModelRecord(id=resolved.spec, sha256=resolved.sha256)
+
+
+def uploads(base: BaseModelRecord, *trials: TrialOutcome) -> list[Upload]:
+    return [
+        Upload(selected_adapter(t, ZERO_SHOT, "dev", ["q_proj", "v_proj"], base.sha256), open_location(t.checkpoint))
+        for t in trials
+    ]
+
+
+def test_interrupted_publish_keeps_the_previous_manifest_and_worse_adapters_do_not_replace_better(
+    checkpoints, base, tmp_path, monkeypatch
+):
+    experiment = open_location(str(tmp_path / "shared")).join("pub")
+    good = outcome("t-good", "hi", 2, 0.40, checkpoint=checkpoints["good"])
+    first = publish_selection(experiment, base, uploads(base, good), [good.summary()])
+
+    better = outcome("t-better", "hi", 2, 0.30, checkpoint=checkpoints["worse"])
+    _interrupt_manifest(monkeypatch)
+    with pytest.raises(OSError, match="preempted"):
+        publish_selection(experiment, base, uploads(base, better), [better.summary()])
+    monkeypatch.undo()
+    assert read_manifest(experiment) == first  # the reader still sees the old, complete state
+    entry = first.languages["hi"]
+    for name, recorded in entry.files.items():
+        assert sha256(Path(entry.adapter) / name) == recorded.sha256
+
+    worse = outcome("t-worse", "hi", 2, 0.55, checkpoint=checkpoints["worse"])
+    again = publish_selection(experiment, base, uploads(base, worse), [worse.summary()])
+    assert again.languages["hi"].trial_id == "t-good"
+    assert "kept the published adapter" in again.kept_previous[0]
+
+
+def test_attachments_are_rendered_from_the_manifest_and_written_before_it(checkpoints, base, tmp_path):
+    experiment = open_location(str(tmp_path / "shared")).join("pub")
+    good = outcome("t-good", "hi", 2, 0.40, checkpoint=checkpoints["good"])
+    seen = []
+
+    def attachments(manifest):
+        seen.append(manifest)
+        assert not experiment.join(MANIFEST).exists()
+        return {"report.md": f"{sorted(manifest.languages)}".encode()}
+
+    manifest = publish_selection(experiment, base, uploads(base, good), [good.summary()], attachments)
+    assert seen == [manifest]
+    assert (tmp_path / "shared" / "pub" / "report.md").read_text() == "['hi']"
+
+
+def test_publish_to_s3_served_on_loopback(checkpoints, base, s3_endpoint, monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-not-logged")
+    options = StorageOptions(s3_endpoint=s3_endpoint)  # the endpoint in the config only, not in the environment
+    experiment = open_location("s3://models/whisper", options).join("pub")
+    good = outcome("t-s3", "hi", 2, 0.4, checkpoint=checkpoints["good"])
+    manifest = publish_selection(experiment, base, uploads(base, good), [good.summary()])
+    entry = manifest.languages["hi"]
+    assert entry.adapter.startswith("s3://models/whisper/pub/adapters/hi/t-s3-")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    stored = s3.get_object(Bucket="models", Key="whisper/pub/manifest.json")["Body"].read()
+    assert json.loads(stored) == json.loads(manifest.to_json())
+    key = entry.adapter.removeprefix("s3://models/") + "/adapter_model.safetensors"
+    body = s3.get_object(Bucket="models", Key=key)["Body"].read()
+    assert sha256(body) == entry.files["adapter_model.safetensors"].sha256
+    assert "test-secret-not-logged" not in stored.decode()
+    found_manifest, found = find_entry(open_location(entry.adapter, options))
+    assert found.language == "hi" and found_manifest == manifest
+
+
+def test_an_adapter_without_a_manifest_is_a_clear_error(tmp_path):
+    adapter = tmp_path / "exp" / "adapters" / "hi" / "t-0123"
+    adapter.mkdir(parents=True)
+    with pytest.raises(PublishedAdapterError, match=r"no manifest\.json"):
+        find_entry(open_location(str(adapter)))
+    with pytest.raises(PublishedAdapterError, match="not a published adapter"):
+        find_entry(open_location(str(tmp_path)))
+
+
+# --- interrupted at each step: the previous manifest stays valid, the rerun completes -------------------------
+
+
+def _interrupt_copy_midway(monkeypatch):
+    def half_copy(self, target):
+        target.write_bytes(b"partial")
+        raise OSError("preempted during the adapter upload")
+
+    monkeypatch.setattr(Location, "copy_to", half_copy)
+
+
+def _interrupt_second_language(monkeypatch):
+    import whisper_lora.publish as publish
+
+    calls, upload = [], publish.publish_adapter
+
+    def one_then_fail(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError("preempted between two languages' uploads")
+        upload(*args)
+
+    monkeypatch.setattr(publish, "publish_adapter", one_then_fail)
+
+
+def _interrupt_manifest(monkeypatch):
+    replace = Location.replace_with
+
+    def fail_on_manifest(self, data):
+        if self.name == MANIFEST:
+            raise OSError("preempted before the manifest write")
+        replace(self, data)
+
+    monkeypatch.setattr(Location, "replace_with", fail_on_manifest)
+
+
+def _failing_report(manifest):
+    raise OSError("preempted while writing the report")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    ("interrupt", "attachments"),
+    [
+        (_interrupt_copy_midway, report_files),
+        (_interrupt_second_language, report_files),
+        (lambda monkeypatch: None, _failing_report),
+        (_interrupt_manifest, report_files),
+    ],
+    ids=["during-adapter-upload", "between-languages", "after-adapters-before-report", "before-manifest"],
+)
+def test_publish_interrupted_at_each_step_leaves_the_previous_manifest_valid(
+    interrupt, attachments, base, tiny_model_dir, tmp_path, monkeypatch
+):
+    checkpoints = random_adapters(tiny_model_dir, tmp_path / "checkpoints", ["a", "b", "c", "d"])
+    experiment = open_location(str(tmp_path / "shared")).join("pub")
+    first = [outcome("hi-1", "hi", 2, 0.5, checkpoint=checkpoints["a"]), outcome("ta-1", "ta", 2, 0.5,
+             checkpoint=checkpoints["b"])]  # fmt: skip
+    published = publish_selection(experiment, base, uploads(base, *first), [t.summary() for t in first], report_files)
+    files_before = _tree(tmp_path / "shared" / "pub" / "adapters")
+
+    better = [outcome("hi-2", "hi", 2, 0.3, checkpoint=checkpoints["c"]), outcome("ta-2", "ta", 2, 0.3,
+              checkpoint=checkpoints["d"])]  # fmt: skip
+    interrupt(monkeypatch)
+    with pytest.raises(OSError, match="preempted"):
+        publish_selection(experiment, base, uploads(base, *better), [t.summary() for t in better], attachments)
+    monkeypatch.undo()
+
+    assert read_manifest(experiment) == published  # readers still see the previous, complete state
+    for entry in published.languages.values():
+        assert adapter_files(open_location(entry.adapter)) == entry.files
+    assert all(_tree(tmp_path / "shared" / "pub" / "adapters")[path] == data for path, data in files_before.items())
+
+    again = publish_selection(experiment, base, uploads(base, *better), [t.summary() for t in better], report_files)
+    assert {entry.trial_id for entry in again.languages.values()} == {"hi-2", "ta-2"}  # the rerun completes it
+    for entry in again.languages.values():
+        assert adapter_files(open_location(entry.adapter)) == entry.files
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+@pytest.mark.reliability
+def test_credentials_from_the_environment_never_reach_logs_reports_or_manifests(
+    checkpoints, base, tmp_path, monkeypatch, caplog
+):
+    secrets = {"HF_TOKEN": "hf_secret_token_123", "AWS_SECRET_ACCESS_KEY": "aws-secret-456"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    trials = [outcome("hi-1", "hi", 2, 0.5, checkpoint=checkpoints["good"]), failed("hi-2", "hi", 4)]
+    with caplog.at_level("DEBUG"):
+        publish_selection(
+            open_location(str(tmp_path / "shared")).join("sec"),
+            base,
+            uploads(base, trials[0]),
+            [t.summary() for t in trials],
+            report_files,
+        )
+    written = "\n".join(path.read_text(errors="replace") for path in (tmp_path / "shared").rglob("*") if path.is_file())
+    for value in secrets.values():
+        assert value not in written and value not in caplog.text
+    dumped = load_config(None, [f"data.source.path={tmp_path}"]).model_dump_json()
+    assert all(value not in dumped for value in secrets.values())

@@ -1,0 +1,196 @@
+"""One optimizer step and what it needs, without Ray: the plan a worker follows, the worker it builds (model,
+optimizer, schedule on a device), the step itself, when to evaluate, and the position a checkpoint stores.
+``train.loop`` runs these under Ray Train; tests and ``benchmarks/train_step.py`` call them directly, so what is
+tested and timed is the product's own step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from transformers import WhisperTokenizer, get_linear_schedule_with_warmup
+
+from whisper_lora.config import EvalConfig, TrainConfig
+from whisper_lora.data.collate import collate, model_inputs
+from whisper_lora.train.checkpoint import load_checkpoint
+from whisper_lora.train.model import count_parameters, load_for_training
+from whisper_lora.train.precision import Device, PrecisionChoice, choose_precision
+
+log = logging.getLogger(__name__)
+Rows = dict[str, np.ndarray]
+"""One micro-batch as Ray Data (and ``iter_batches``) yields it: column name → values."""
+
+
+class WorkerPlan(BaseModel):
+    """Everything a worker needs, decided on the driver: the run's train and eval sections plus what the driver
+    derived from them and the data. Crosses to the workers as ``model_dump(mode="json")``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: TrainConfig
+    """The run's train section, as configured: the one source of every training setting."""
+    eval: EvalConfig
+    base_path: str
+    language: str
+    micro_batches_per_epoch: int
+    """Micro-batches each worker takes from its shard per epoch: equal on every worker, so DDP never waits; a
+    multiple of ``train.grad_accum``."""
+    eval_dir: str
+    """Prepared eval split (a path every worker can read: local, NFS or s3://)."""
+
+
+@dataclass
+class Progress:
+    """Where training stands. ``asdict`` of it is the ``progress`` a checkpoint's ``trainer_state.json`` holds."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    """Micro-batches of the current epoch already trained on: a restarted worker skips them."""
+    samples: int = 0
+    """Utterances trained on, all workers together."""
+    audio_seconds: float = 0.0
+    train_seconds: float = 0.0
+    """Time spent training up to the last report: data loading included, evaluation not."""
+    data_wait_seconds: float = 0.0
+    """Of that, the time this worker's loop waited for batches."""
+
+    def count(self, micro_batches: Sequence[Rows], waited: float, world: int) -> None:
+        """One optimizer step over ``micro_batches``, which took ``waited`` seconds to arrive; each of the
+        ``world`` workers trained as many rows."""
+        self.step += 1
+        self.batches_done += len(micro_batches)
+        self.samples += sum(len(rows["id"]) for rows in micro_batches) * world
+        self.audio_seconds += sum(float(sum(rows["duration_s"])) for rows in micro_batches) * world
+        self.data_wait_seconds += waited
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_done = 0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Mean loss of the step's micro-batches."""
+    grad_norm: float
+    """Gradient norm before clipping."""
+    seconds: float
+    """Compute time of the step: collating, forward, backward and the optimizer (waiting for data is not in it)."""
+
+
+@dataclass
+class Worker:
+    """What one worker trains with, built once (and rebuilt on every restart of the worker group)."""
+
+    plan: WorkerPlan
+    model: torch.nn.Module
+    """In DDP when the worker group has several workers."""
+    trainable: list[torch.nn.Parameter]
+    tokenizer: WhisperTokenizer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: PrecisionChoice
+    rank: int
+    world: int
+    facts: dict
+    """Run-constant metrics: parameter counts, language, mode, precision, device."""
+    scores: dict = field(default_factory=dict)
+    """The last evaluation's scores; a preemption checkpoint, taken without evaluating, carries them."""
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed-precision compute on GPU as the precision choice asks; nothing on CPU."""
+        dtype = self.precision.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype and self.device.type == "cuda" else nullcontext()
+
+
+def build_worker(plan: WorkerPlan, device: torch.device, rank: int = 0, world: int = 1) -> Worker:
+    """The model (in train mode), optimizer and schedule of ``plan`` on ``device``, seeded by ``train.seed``: what
+    every Train worker builds, and what tests and benchmarks build without Ray."""
+    train = plan.train
+    torch.manual_seed(train.seed)
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
+    choice = choose_precision(train.precision, Device.current() if device.type == "cuda" else Device("cpu"))
+    if rank == 0:
+        log.info("precision %s (%s); %d torch threads", choice.precision, choice.reason, torch.get_num_threads())
+    model = load_for_training(
+        plan.base_path, choice, device, train.mode, train.lora, train.gradient_checkpointing, train.freeze_encoder
+    )
+    model.train()  # from_pretrained leaves eval mode: no dropout, and transformers then skips checkpointing
+    parameters = count_parameters(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
+    return Worker(
+        plan=plan,
+        model=model,
+        trainable=trainable,
+        tokenizer=WhisperTokenizer.from_pretrained(plan.base_path),
+        optimizer=optimizer,
+        scheduler=get_linear_schedule_with_warmup(optimizer, train.warmup_steps, train.max_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=choice.needs_loss_scaling and device.type == "cuda"),
+        device=device,
+        precision=choice,
+        rank=rank,
+        world=world,
+        facts={
+            "trainable_parameters": parameters.trainable,
+            "total_parameters": parameters.total,
+            "language": plan.language,
+            "mode": train.mode,
+            "precision": choice.precision,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        },
+    )
+
+
+def train_step(worker: Worker, micro_batches: Sequence[Rows]) -> StepResult:
+    """One optimizer step over ``micro_batches`` (``train.grad_accum`` of them in the loop): each one's loss is
+    divided by their number, so the step follows their mean gradient; then clipping, the optimizer, the schedule.
+    A loss that is not finite raises ``FloatingPointError``: the run diverged, and every later step would be NaN."""
+    train = worker.plan.train
+    started = time.perf_counter()
+    losses = []
+    for rows in micro_batches:
+        with worker.autocast():
+            loss = worker.model(**model_inputs(collate(rows), worker.device)).loss
+        worker.scaler.scale(loss / len(micro_batches)).backward()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            step = worker.scheduler.last_epoch + 1  # the schedule counts optimizer steps
+            raise FloatingPointError(
+                f"{worker.plan.language}: loss is {losses[-1]} at step {step}: the run diverged "
+                f"(learning rate {train.learning_rate:g}; lower train.learning_rate or raise warmup_steps)"
+            )
+    worker.scaler.unscale_(worker.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(worker.trainable, train.max_grad_norm)
+    worker.scaler.step(worker.optimizer)
+    worker.scaler.update()
+    worker.optimizer.zero_grad(set_to_none=True)
+    worker.scheduler.step()
+    return StepResult(statistics.fmean(losses), grad_norm.item(), time.perf_counter() - started)
+
+
+def should_evaluate(train: TrainConfig, step: int, epoch_end: bool) -> bool:
+    """Whether optimizer step ``step`` is followed by an evaluation (and a checkpoint): every
+    ``eval_every_steps``, at epoch ends with ``eval_each_epoch``, and after the last step."""
+    due = train.eval_every_steps is not None and step % train.eval_every_steps == 0
+    return due or (epoch_end and train.eval_each_epoch) or step >= train.max_steps
+
+
+def restore(worker: Worker, directory: str) -> Progress:
+    """Load a checkpoint written by ``Worker.checkpoint`` into ``worker``; returns where it stood."""
+    saved = load_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, worker.scaler)
+    return Progress(**saved)
