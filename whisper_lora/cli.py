@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from whisper_lora.config import ConfigError, explain, load_config
+from whisper_lora.config import ConfigError, ModelConfig, explain, load_config
 from whisper_lora.data.sources import SourceError
 from whisper_lora.manifest import ManifestError
 from whisper_lora.models.resolve import ModelNotFound
@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe = commands.add_parser("transcribe", help="transcribe audio files with a published adapter")
     transcribe.add_argument("--adapter", required=True, help="published language directory (path or s3://)")
     transcribe.add_argument("--base", default=None, help="base model spec (default: the manifest's)")
-    transcribe.add_argument("--cache-dir", default="artifacts/models", help="where imported base models are kept")
+    cache_dir = ModelConfig.model_fields["cache_dir"]
+    transcribe.add_argument(
+        "--cache-dir", default=str(cache_dir.default), help=f"model.cache_dir: {cache_dir.description}"
+    )
     for field in ("s3_endpoint", "s3_region"):  # the config's storage section, for a command without a config
         transcribe.add_argument(f"--{field.replace('_', '-')}", default=None,
                                 help=f"storage.{field}: {StorageOptions.model_fields[field].description}")  # fmt: skip

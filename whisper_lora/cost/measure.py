@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.fs as pafs
 
 from whisper_lora.config import JobConfig
+from whisper_lora.metrics import PRIMARY
 from whisper_lora.train.checkpoint import ADAPTER_DIR, FULL_WEIGHTS
 from whisper_lora.train.model import Mode
 from whisper_lora.train.trainer import build_trainer
@@ -114,14 +115,14 @@ def measure(config: JobConfig, mode: Mode, language: str) -> Measurement:
         checkpoint_bytes=checkpoint_bytes,
         wer=metrics["wer"],
         cer=metrics["cer"],
-        primary=metrics["primary"],
+        primary=metrics[PRIMARY],
     )
     log.info(
         "%s: %.2f s/step, peak %.2f GiB, %s %.3f",
         mode,
         measurement.step_seconds,
         measurement.peak_memory_bytes / 2**30,
-        "primary",
+        PRIMARY,
         measurement.primary,
     )
     return measurement

@@ -14,8 +14,9 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from whisper_lora.config import JobConfig
+from whisper_lora.metrics import PRIMARY
 
-METRIC = "primary"
+METRIC = PRIMARY
 """WER or CER, whichever the language registry names primary: lower is better."""
 
 
