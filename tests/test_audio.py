@@ -58,3 +58,18 @@ def test_complete_mp3_is_not_called_truncated(tmp_path):
     path = write_clip(tmp_path / "ok.mp3", 5.0)
     assert sf.info(str(path)).frames > 0
     assert load_audio(str(path)).size == pytest.approx(5 * SAMPLE_RATE, rel=0.01)
+
+
+def test_clips_longer_than_the_limit_are_rejected_from_the_header(tmp_path):
+    path = str(write_clip(tmp_path / "long.wav", 40.0, rate=16_000, fmt="WAV"))
+    with pytest.raises(AudioError) as raised:
+        load_audio(path)
+    assert (raised.value.reason, raised.value.duration_s) == ("too_long", pytest.approx(40.0))
+    assert load_audio(path, max_duration_s=45.0).size == 40 * SAMPLE_RATE
+
+
+def test_max_seconds_reads_the_start_of_a_clip_of_any_length(tmp_path):
+    path = str(write_clip(tmp_path / "long.wav", 40.0, rate=16_000, fmt="WAV"))
+    start = load_audio(path, max_seconds=5.0)
+    assert start.size == 5 * SAMPLE_RATE
+    np.testing.assert_array_equal(start, load_audio(path, max_duration_s=45.0)[: start.size])

@@ -5,6 +5,7 @@ import json
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,129 @@ def test_imported_whisper_base_transcribes_english_speech(ct2_files, tmp_path):
     words = [w.strip(".,").lower() for w in text.split()]
     shared = sum(1 for w in reference.split() if w in words) / len(reference.split())
     assert shared >= 0.8, text
+
+
+# --- hostile or damaged model files ---------------------------------------------------------------------------
+
+
+def _first_variable_offset(blob: bytes) -> int:
+    """Where the first variable's rank byte is: after the header and the first name."""
+    offset = 4 + 2 + len(b"WhisperSpec\0") + 4 + 4
+    (length,) = struct.unpack_from("H", blob, offset)
+    return offset + 2 + length
+
+
+def _damaged(blob: bytes, how: str) -> bytes:
+    rank_at = _first_variable_offset(blob)
+    rank = blob[rank_at]
+    dtype_at = rank_at + 1 + 4 * rank
+    if how == "truncated":
+        return blob[: len(blob) // 3]
+    if how == "unknown-dtype":
+        return blob[:dtype_at] + bytes([9]) + blob[dtype_at + 1 :]
+    if how == "size-beyond-file":
+        return blob[: dtype_at + 1] + struct.pack("I", 2**31) + blob[dtype_at + 5 :]
+    if how == "rank-255":
+        return blob[:rank_at] + bytes([255]) + blob[rank_at + 1 :]
+    raise AssertionError(how)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated", "in variable"),
+        ("unknown-dtype", "unknown dtype id 9 in variable"),
+        ("size-beyond-file", "2147483648 bytes for shape"),
+        ("rank-255", "rank 255"),
+        ("missing-variable", "no variable 'encoder/num_heads'"),
+        ("alias-to-nothing", "names a missing variable 'nowhere'"),
+        ("wrong-shape", "do not form a Whisper"),
+        ("config-not-json", "config.json is not"),
+    ],
+)
+def test_a_damaged_ctranslate2_model_is_one_format_error_naming_what(how, message, tiny_model_dir, tiny_ct2_dir,
+                                                                       tmp_path):  # fmt: skip
+    variables = _ct2_variables(WhisperForConditionalGeneration.from_pretrained(tiny_model_dir))
+    aliases = {"decoder/projection/weight": "decoder/embeddings/weight"}
+    if how == "missing-variable":
+        del variables["encoder/num_heads"]
+    if how == "alias-to-nothing":
+        aliases["x"] = "nowhere"
+    if how == "wrong-shape":
+        variables["decoder/layer_0/ffn/linear_1/weight"] = variables["decoder/layer_0/ffn/linear_1/weight"][:, :5]
+    blob = _write_model_bin(variables, aliases)
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_ct2_dir, damaged)
+    for part in damaged.glob("model.bin.part*"):
+        part.unlink()
+    (damaged / "model.bin").write_bytes(_damaged(blob, how) if how in ("truncated", "unknown-dtype",
+                                        "size-beyond-file", "rank-255") else blob)  # fmt: skip
+    if how == "config-not-json":
+        (damaged / "config.json").write_text("{not json")
+    with pytest.raises(CTranslate2FormatError, match=message):
+        resolve_base_model(str(damaged), tmp_path / "cache")
+    assert not any((tmp_path / "cache").glob("model-*/config.json"))  # nothing half-imported is cached
+
+
+@pytest.mark.reliability
+def test_the_cli_reports_a_damaged_model_in_one_line(tiny_ct2_dir, tmp_path, capsys):
+    from whisper_lora.cli import main
+
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_ct2_dir, damaged)
+    (damaged / "model.bin.part2").write_bytes(b"\0" * 10)
+    code = main(["config", f"data.source.path={tmp_path}", f"model.base={damaged}"])  # validates only
+    assert code == 0
+    code = main(["evaluate", f"data.source.path={tmp_path}", f"model.base={damaged}", f"model.cache_dir={tmp_path}/c"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("whisper-lora: model.bin:") and "Traceback" not in error
+
+
+@pytest.mark.reliability
+def test_a_poisoned_import_cache_is_imported_again_and_inputs_key_it(tiny_ct2_dir, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    first = resolve_base_model(str(tiny_ct2_dir), cache)
+    weights = Path(first.path) / "model.safetensors"
+    clean = weights.read_bytes()
+    poisoned = bytearray(clean)
+    poisoned[-16:] = b"\x7f" * 16  # another weight value, a file safetensors still reads
+    weights.write_bytes(bytes(poisoned))
+    with caplog.at_level("WARNING"):
+        again = resolve_base_model(str(tiny_ct2_dir), cache)
+    assert again == first and weights.read_bytes() == clean
+    assert "does not match its record" in caplog.text
+
+    changed = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_ct2_dir, changed)
+    (changed / "config.json").write_text(json.dumps({**json.loads((changed / "config.json").read_text()),
+                                                     "suppress_ids": [1]}))  # fmt: skip
+    other = resolve_base_model(str(changed), cache)
+    assert other.path != first.path  # every input is part of the key, not only model.bin
+
+
+@pytest.mark.reliability
+def test_a_pinned_base_is_checked_before_it_is_converted(tiny_ct2_dir, tmp_path):
+    from whisper_lora.models.resolve import ModelMismatch
+
+    with pytest.raises(ModelMismatch, match="not the pinned 000000000000"):
+        resolve_base_model(str(tiny_ct2_dir), tmp_path / "cache", expected_sha256="0" * 64)
+    assert not any((tmp_path / "cache").glob("*/config.json"))
+    pinned = resolve_base_model(str(tiny_ct2_dir), tmp_path / "cache").sha256
+    assert resolve_base_model(str(tiny_ct2_dir), tmp_path / "cache", expected_sha256=pinned).sha256 == pinned
+
+
+@pytest.mark.reliability
+def test_a_pypi_spec_is_looked_up_never_imported(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    package = tmp_path / "site" / "evilpkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for spec in ("pypi:evilpkg.x", "pypi:evilpkg"):
+        with pytest.raises(ModelNotFound, match="no installed packages"):
+            resolve_base_model(spec, tmp_path / "cache")
+    for spec in ("pypi:../x", "pypi:a b", "pypi:"):
+        with pytest.raises(ModelNotFound, match="not a distribution name"):
+            resolve_base_model(spec, tmp_path / "cache")
+    assert not marker.exists()

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import soundfile as sf
 
 from tests.builders import write_clip
 from whisper_lora.data.collate import IGNORE_INDEX, collate
@@ -65,6 +66,38 @@ def test_unusable_rows_raise_row_dropped(featurizer, tmp_path, seconds, sentence
     with pytest.raises(RowDropped) as raised:
         featurizer.example(clip, sentence, "hi")
     assert raised.value.reason == reason
+
+
+def test_a_clip_over_the_featurizers_limit_is_dropped_from_its_header_undecoded(tiny_model_dir, tmp_path, monkeypatch):
+    clip = str(write_clip(tmp_path / "c.wav", 15.0, fmt="WAV"))
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("samples were decoded")
+
+    monkeypatch.setattr(sf.SoundFile, "read", decoded)
+    with pytest.raises(RowDropped) as raised:
+        Featurizer(tiny_model_dir, Limits(max_duration_s=10.0)).example(clip, "एक दो तीन", "hi")
+    assert (raised.value.reason, raised.value.duration_s) == ("too_long", pytest.approx(15.0))
+
+
+def test_text_far_over_the_label_limit_is_dropped_untokenized(featurizer, tmp_path, monkeypatch):
+    """No token spans more bytes than the vocabulary's longest, so 2 MiB of text cannot fit in 448 tokens."""
+
+    def tokenized(*args, **kwargs):
+        raise AssertionError("the tokenizer ran")
+
+    monkeypatch.setattr(featurizer.tokenizer, "encode", tokenized)
+    clip = str(write_clip(tmp_path / "c.wav", 1.0, fmt="WAV"))
+    with pytest.raises(RowDropped, match="labels_too_long"):
+        featurizer.example(clip, "शब्द " * 170_000, "hi")
+
+
+def test_text_spelling_special_tokens_is_tokenized_as_text(featurizer):
+    """A transcript must not end its labels early (``<|endoftext|>``) or switch language (``<|en|>``)."""
+    sentence = "एक <|endoftext|> दो <|en|>"
+    text_ids = featurizer.label_ids(sentence, "hi")[4:-1].tolist()
+    assert not set(text_ids) & set(featurizer.tokenizer.all_special_ids) and 50259 not in text_ids
+    assert featurizer.tokenizer.decode(text_ids).strip() == sentence
 
 
 def test_collation_shifts_labels_and_masks_padding():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import ZERO_SHOT, failed, outcome, random_adapters, sha256
+from tests.builders import ZERO_SHOT, failed, outcome, random_adapters, sha256, write_clip
 from whisper_lora.config import load_config
 from whisper_lora.manifest import MANIFEST, BaseModelRecord, adapter_files, read_manifest
 from whisper_lora.models.resolve import resolve_base_model
@@ -210,3 +210,112 @@ def test_credentials_from_the_environment_never_reach_logs_reports_or_manifests(
         assert value not in written and value not in caplog.text
     dumped = load_config(None, [f"data.source.path={tmp_path}"]).model_dump_json()
     assert all(value not in dumped for value in secrets.values())
+
+
+# --- trust: what a downstream job loads is what the manifest names ---------------------------------------------
+
+
+@pytest.fixture
+def published_hi(checkpoints, base, tmp_path) -> str:
+    experiment = open_location(str(tmp_path / "shared")).join("pub")
+    good = outcome("t-good", "hi", 2, 0.40, checkpoint=checkpoints["good"])
+    return publish_selection(experiment, base, uploads(base, good), [good.summary()]).languages["hi"].adapter
+
+
+@pytest.mark.reliability
+def test_an_adapter_swapped_after_its_check_is_not_what_gets_loaded(published_hi, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    import whisper_lora.transcribe as transcribe
+
+    clip = write_clip(tmp_path / "a.wav", 1.0, rate=16_000, fmt="WAV")
+    weights = Path(published_hi) / "adapter_model.safetensors"
+    recorded = sha256(weights)
+    copy, loaded, load = Location.copy_to, [], transcribe.load_for_inference
+
+    def copy_then_swap(self, target):  # the published file changes once it has been read
+        copy(self, target)
+        if self.path == str(weights):
+            weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+
+    def record_load(base_path, adapter_dir=None, device=None):
+        loaded.append((adapter_dir, sha256(Path(adapter_dir) / "adapter_model.safetensors")))
+        return load(base_path, adapter_dir, device)
+
+    monkeypatch.setattr(Location, "copy_to", copy_then_swap)
+    monkeypatch.setattr(transcribe, "load_for_inference", record_load)
+    [(_, text)] = transcribe.transcribe_files(published_hi, [str(clip)], tmp_path / "cache")
+    [(directory, digest)] = loaded
+    assert digest == recorded and not directory.startswith(str(tmp_path / "shared")) and isinstance(text, str)
+    assert sha256(weights) != recorded  # it was swapped, after the read that was checked and loaded
+    monkeypatch.undo()
+    with pytest.raises(PublishedAdapterError, match="do not match the sha256"):  # now the swap is seen
+        transcribe.transcribe_files(published_hi, [str(clip)], tmp_path / "cache")
+
+
+@pytest.mark.reliability
+def test_a_base_override_says_so_loudly(published_hi, tiny_model_dir, tmp_path, caplog):
+    from whisper_lora.transcribe import transcribe_files
+
+    clip = write_clip(tmp_path / "a.wav", 1.0, rate=16_000, fmt="WAV")
+    with caplog.at_level("WARNING"):
+        transcribe_files(published_hi, [str(clip)], tmp_path / "cache", base=tiny_model_dir)
+    assert "replaces the manifest's base" in caplog.text and "OTHER weights" not in caplog.text
+
+
+@pytest.mark.reliability
+def test_credentials_in_a_uri_and_names_that_climb_are_refused(tmp_path):
+    from whisper_lora.config import ConfigError
+    from whisper_lora.storage import StorageError
+
+    with pytest.raises(StorageError, match="credentials") as refused:
+        open_location("s3://AKIAEXAMPLE:very-secret@bucket/prefix")
+    assert "very-secret" not in str(refused.value)
+    for override in ("publish.storage=s3://AKIA:very-secret@b/p", "train.storage_path=gs://user@b/p"):
+        with pytest.raises(ConfigError, match="credentials") as refused:
+            load_config(None, [f"data.source.path={tmp_path}", override])
+        assert "very-secret" not in str(refused.value)
+    for name in ("..", ".", "a/b"):
+        with pytest.raises(ConfigError, match="experiment"):
+            load_config(None, [f"data.source.path={tmp_path}", f"experiment={name}"])
+
+
+def _publish_slowly_then_quickly(checkpoints, base, experiment, monkeypatch) -> list:
+    """Publisher A (hi) reads the manifest, then takes a second over its upload; publisher B (ta) publishes in
+    that second. Returns both results."""
+    import threading
+    import time
+
+    import whisper_lora.publish as publish
+
+    upload = publish.publish_adapter
+
+    def slow_for_hi(source, target, files):
+        if "/hi/" in target.uri:
+            time.sleep(1.0)
+        upload(source, target, files)
+
+    monkeypatch.setattr(publish, "publish_adapter", slow_for_hi)
+    hindi = outcome("t-hi", "hi", 2, 0.4, checkpoint=checkpoints["good"])
+    tamil = outcome("t-ta", "ta", 2, 0.2, checkpoint=checkpoints["worse"])
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault(
+        "hi", publish_selection(experiment, base, uploads(base, hindi), [hindi.summary()])))  # fmt: skip
+    first.start()
+    time.sleep(0.3)
+    results["ta"] = publish_selection(experiment, base, uploads(base, tamil), [tamil.summary()])
+    first.join()
+    return [results["hi"], results["ta"]]
+
+
+@pytest.mark.reliability
+def test_two_publishers_to_one_directory_keep_both_languages(checkpoints, base, tmp_path, monkeypatch):
+    experiment = open_location(str(tmp_path / "shared")).join("pub")
+    _publish_slowly_then_quickly(checkpoints, base, experiment, monkeypatch)
+    assert sorted(read_manifest(experiment).languages) == ["hi", "ta"]
+
+
+@pytest.mark.reliability
+def test_two_publishers_to_one_s3_prefix_keep_both_languages(checkpoints, base, s3_endpoint, monkeypatch):
+    experiment = open_location("s3://models/whisper", StorageOptions(s3_endpoint=s3_endpoint)).join("pub")
+    _publish_slowly_then_quickly(checkpoints, base, experiment, monkeypatch)
+    assert sorted(read_manifest(experiment).languages) == ["hi", "ta"]

@@ -10,6 +10,7 @@ import sys
 from whisper_lora.config import ConfigError, ModelConfig, explain, load_config
 from whisper_lora.data.sources import SourceError
 from whisper_lora.manifest import ManifestError
+from whisper_lora.models.ctranslate2 import CTranslate2FormatError
 from whisper_lora.models.resolve import ModelNotFound
 from whisper_lora.storage import StorageError, StorageOptions
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.run(args)
-    except (ConfigError, SourceError, ModelNotFound, ManifestError, StorageError) as exc:
+    except (ConfigError, SourceError, ModelNotFound, CTranslate2FormatError, ManifestError, StorageError) as exc:
         print(f"whisper-lora: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -11,10 +11,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from whisper_lora.languages import get_language
-from whisper_lora.storage import StorageOptions, absolute, is_remote
+from whisper_lora.storage import StorageError, StorageOptions, absolute, is_remote, refuse_credentials
 
 
 class ConfigError(ValueError):
@@ -34,7 +42,14 @@ class LocationField:
         self.if_exists = if_exists
 
 
-Location = Annotated[str, LocationField()]
+def _no_credentials(location: str) -> str:
+    try:
+        return refuse_credentials(location)
+    except StorageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+Location = Annotated[str, LocationField(), AfterValidator(_no_credentials)]
 """A local/NFS path or a URI (``s3://…``): read and written through ``whisper_lora.storage``."""
 LocalDir = Annotated[Path, LocationField()]
 """A directory on this machine."""
@@ -68,6 +83,14 @@ class SourceConfig(_Section):
         description=(
             "Root directory (common_voice), or a file, directory or glob for parquet/manifest, local or s3://. "
             "'{lang}' and '{split}' in the path are replaced by each language and split."
+        ),
+    )
+    allow_outside_paths: bool = Field(
+        False,
+        description=(
+            "Let rows name audio outside their source's folder (Common Voice <path>/<lang>/clips/, the manifest's "
+            "or Parquet file's folder): absolute paths, '..', other URIs, symlinks pointing out. Off: such rows "
+            "are dropped (outside_source) without the file being looked at."
         ),
     )
 
@@ -334,7 +357,18 @@ class RayConfig(_Section):
 
 
 class JobConfig(_Section):
-    experiment: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$", description="Experiment name: names outputs.")
+    experiment: str = Field(
+        "demo",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Experiment name: names outputs (one path component: letters, digits, '.', '_', '-').",
+    )
+
+    @field_validator("experiment")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        if name in (".", ".."):
+            raise ValueError(f"{name!r} is not a name: outputs would land above their directory")
+        return name
     output_dir: LocalDir = Field(
         Path("artifacts/runs"), description="Local directory for prepared data and reports."
     )

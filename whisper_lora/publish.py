@@ -11,14 +11,22 @@ one step (rename on a filesystem, a single PUT on S3) only after every file it n
 the old manifest or the new one, never one pointing at a partial adapter, and an interrupted publish leaves the
 previous manifest valid. A language keeps its published adapter when the new one scores worse on the same base
 model and eval set.
+
+Two jobs publishing to one experiment do not lose each other's languages: on a filesystem they take turns (a
+lock file beside the manifest); on an object store a publisher re-reads the manifest just before replacing it
+and, when another publish landed meanwhile, merges again on top of it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
+
+from filelock import FileLock
 
 from whisper_lora.manifest import (
     ADAPTER_FILES,
@@ -37,6 +45,7 @@ from whisper_lora.storage import Location
 from whisper_lora.train.checkpoint import ADAPTER_DIR
 
 log = logging.getLogger(__name__)
+MERGE_ATTEMPTS = 5
 Attachments = Callable[[Manifest], Mapping[str, bytes]]
 """Files written beside the manifest, before it (``report.md`` and plots), rendered from the manifest to be."""
 
@@ -85,6 +94,33 @@ def publish_selection(
 ) -> Manifest:
     """Upload each language's selected adapter (unless the published one is at least as good), then the
     attachments, then the manifest. Returns the manifest."""
+    manifest_file = experiment_dir.join(MANIFEST)
+    with _turn(experiment_dir):
+        for _ in range(MERGE_ATTEMPTS):
+            seen = manifest_file.read_bytes() if manifest_file.is_file() else None
+            manifest = _merged(experiment_dir, base_model, uploads, trials)
+            for name, data in attachments(manifest).items():
+                experiment_dir.join(name).replace_with(data)
+            if (manifest_file.read_bytes() if manifest_file.is_file() else None) == seen:
+                manifest_file.replace_with(manifest.to_json())
+                log.info("published %s → %s", ", ".join(sorted(manifest.languages)), manifest_file.uri)
+                return manifest
+            log.warning("another publish to %s landed meanwhile: merging on top of it", experiment_dir.uri)
+    raise OSError(f"{manifest_file.uri} kept changing under {MERGE_ATTEMPTS} attempts to publish")
+
+
+def _turn(experiment_dir: Location) -> AbstractContextManager:
+    """Mutual exclusion of publishers on a filesystem (a lock file); object stores rely on the re-read."""
+    if not experiment_dir.is_local:
+        return nullcontext()
+    Path(experiment_dir.path).mkdir(parents=True, exist_ok=True)
+    return FileLock(experiment_dir.join(".manifest.lock").path)
+
+
+def _merged(
+    experiment_dir: Location, base_model: BaseModelRecord, uploads: list[Upload], trials: list[TrialSummary]
+) -> Manifest:
+    """The manifest this publish makes of the one published now: adapters uploaded where they replace one."""
     previous = read_manifest(experiment_dir)
     same_base = previous is not None and previous.base_model.sha256 == base_model.sha256
     languages = dict(previous.languages) if same_base else {}
@@ -105,7 +141,7 @@ def publish_selection(
         languages[selected.language] = PublishedAdapter(
             **selected.model_dump(), adapter=target.uri, files=files, created=now()
         )
-    manifest = Manifest(
+    return Manifest(
         experiment=experiment_dir.name,
         created=now(),
         base_model=base_model,
@@ -124,8 +160,3 @@ def publish_selection(
         kept_previous=notes,
         trials=trials,
     )
-    for name, data in attachments(manifest).items():
-        experiment_dir.join(name).replace_with(data)
-    experiment_dir.join(MANIFEST).replace_with(manifest.to_json())
-    log.info("published %s → %s", ", ".join(sorted(languages)), experiment_dir.join(MANIFEST).uri)
-    return manifest

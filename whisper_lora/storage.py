@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -204,8 +205,18 @@ class Location:
                 writer.write(chunk)
 
 
+def refuse_credentials(location: str) -> str:
+    """``location`` unchanged, unless it carries user info (``s3://KEY:SECRET@bucket``): credentials in a URI end
+    up in logs, stats and manifests, so they are refused without repeating them."""
+    if is_remote(location) and "@" in urlsplit(location).netloc:
+        raise StorageError(f"{scheme(location)}:// location with credentials in it (user@…): refused; "
+                           "credentials come from the environment")  # fmt: skip
+    return location
+
+
 def open_location(location: str, options: StorageOptions | None = None) -> Location:
     """The ``Location`` of a local path or URI; ``options`` default to none (environment only)."""
+    refuse_credentials(location)
     filesystem, path = _filesystem(location, options or StorageOptions())
     uri = absolute(location) if not is_remote(location) else location.rstrip("/")
     return Location(filesystem, path.rstrip("/") or path, uri)

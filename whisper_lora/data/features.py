@@ -15,15 +15,21 @@ from whisper_lora.storage import Location
 from whisper_lora.text import clean_transcript, normalize_for_scoring
 
 DROP_REASONS = (
+    "bad_row",
+    "outside_source",
+    "empty_text",
     "missing_audio",
+    "bad_header",
+    "too_long",
     "unreadable",
     "truncated",
     "too_short",
-    "too_long",
-    "empty_text",
     "labels_too_long",
 )
-"""Every reason a row can be dropped for, in pipeline order."""
+"""Every reason a row can be dropped for, in pipeline order. The source decides the first two: a row it cannot
+parse, or one whose audio lies outside the source's folder (``data.source.allow_outside_paths``); ``bad_row`` also
+counts a row that failed in any unforeseen way. ``bad_header`` and ``too_long`` are decided from the stream
+header, before any sample is decoded."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class Example:
 
 
 class RowDropped(Exception):
-    """A row that cannot be used; ``reason`` is one of ``DROP_REASONS``, ``duration_s`` what was decoded."""
+    """A row that cannot be used; ``reason`` is one of ``DROP_REASONS``, ``duration_s`` what was decoded (or what
+    the header declares, for a clip rejected from its header as too long)."""
 
     def __init__(self, reason: str, duration_s: float = 0.0) -> None:
         super().__init__(reason)
@@ -64,6 +71,9 @@ class Featurizer:
         self.extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
         self.tokenizer = WhisperTokenizer.from_pretrained(model_dir)
         self.limits = limits
+        # No token spans more bytes than the vocabulary's longest: text beyond this cannot fit in the label limit
+        # and is dropped untokenized (a 2-MiB sentence takes the tokenizer seconds).
+        self._max_text_bytes = limits.max_label_tokens * max(len(token) for token in self.tokenizer.get_vocab())
         self._mel_filters = torch.from_numpy(self.extractor.mel_filters).float()
         self._prefixes: dict[str, list[int]] = {}
 
@@ -78,8 +88,9 @@ class Featurizer:
         return self._prefixes[language]
 
     def label_ids(self, sentence: str, language: str) -> np.ndarray:
-        """Prefix + text + end. The text gets a leading space, as Whisper's own transcripts start with one."""
-        text_ids = self.tokenizer.encode(" " + sentence, add_special_tokens=False)
+        """Prefix + text + end. The text gets a leading space, as Whisper's own transcripts start with one; text
+        spelling a special token (``<|endoftext|>``, ``<|en|>``) is tokenized as the characters it is."""
+        text_ids = self.tokenizer.encode(" " + sentence, add_special_tokens=False, split_special_tokens=True)
         return np.asarray([*self.prefix_ids(language), *text_ids, self.tokenizer.eos_token_id], dtype=np.int32)
 
     def log_mel(self, audio: np.ndarray) -> np.ndarray:
@@ -104,12 +115,14 @@ class Featurizer:
     def example(self, audio_source: bytes | Location, sentence: str, language: str) -> Example:
         """The model inputs of one row, or ``RowDropped`` saying why the row is unusable."""
         sentence = clean_transcript(sentence or "")
+        if len(sentence.encode("utf-8")) > self._max_text_bytes:
+            raise RowDropped("labels_too_long")
         if not normalize_for_scoring(sentence, get_language(language)):
             raise RowDropped("empty_text")
         try:
-            audio = load_audio(audio_source)
+            audio = load_audio(audio_source, max_duration_s=self.limits.max_duration_s)
         except AudioError as exc:
-            raise RowDropped(exc.reason) from exc
+            raise RowDropped(exc.reason, exc.duration_s) from exc
         duration = len(audio) / SAMPLE_RATE
         if duration < self.limits.min_duration_s:
             raise RowDropped("too_short", duration)

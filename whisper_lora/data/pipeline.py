@@ -6,6 +6,8 @@ or streamed into Ray Train). Drop counts arrive in the ``StatsCollector`` as the
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -13,10 +15,12 @@ import ray.data
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from whisper_lora.config import DataConfig
-from whisper_lora.data.features import Limits, RowDropped, cached_featurizer
+from whisper_lora.data.features import Example, Featurizer, Limits, RowDropped, cached_featurizer
 from whisper_lora.data.sources import read_source
 from whisper_lora.data.stats import BatchStats, GroupStats, batch_key
 from whisper_lora.storage import StorageOptions, open_location
+
+log = logging.getLogger(__name__)
 
 KEEP_DROPPED_EXAMPLES = 5
 """Row ids kept per drop reason and batch, so ``stats.json`` shows which files to look at."""
@@ -24,6 +28,21 @@ KEEP_DROPPED_EXAMPLES = 5
 
 def limits_of(data: DataConfig) -> Limits:
     return Limits(data.min_duration_s, data.max_duration_s, data.max_label_tokens)
+
+
+def _row_example(featurizer: Featurizer, batch: dict[str, np.ndarray], i: int, storage: StorageOptions) -> Example:
+    """Row ``i``'s model inputs, or ``RowDropped``: the source's verdict first, then the featurizer's. Any other
+    failure is this one row's, counted as ``bad_row``: a hostile row must not fail the task and stop ``prepare``."""
+    if reason := batch["drop_reason"][i]:
+        raise RowDropped(str(reason))
+    try:
+        audio = batch["audio_bytes"][i] or open_location(str(batch["audio_path"][i] or ""), storage)
+        return featurizer.example(audio, str(batch["sentence"][i] or ""), str(batch["language"][i]))
+    except RowDropped:
+        raise
+    except Exception as exc:
+        log.warning("row %s dropped (bad_row): %s: %s", batch["id"][i], type(exc).__name__, exc)
+        raise RowDropped("bad_row") from exc
 
 
 def featurize_batch(
@@ -42,9 +61,8 @@ def featurize_batch(
         language, split = str(batch["language"][i]), str(batch["split"][i])
         group = stats.setdefault((language, split), GroupStats())
         group.rows_in += 1
-        audio = batch["audio_bytes"][i] or open_location(str(batch["audio_path"][i] or ""), storage)
         try:
-            example = featurizer.example(audio, str(batch["sentence"][i] or ""), language)
+            example = _row_example(featurizer, batch, i, storage)
         except RowDropped as dropped:
             group.audio_seconds_in += dropped.duration_s
             group.dropped[dropped.reason] += 1

@@ -64,10 +64,11 @@ def allocate(sentences: list[Sentence], wanted: dict[str, int], rng: random.Rand
 
 
 def speak(text: str, voice: str, speed: int, pitch: int, out: Path) -> None:
-    """Synthesize ``text`` with espeak-ng and write it as a 48 kHz mono MP3."""
+    """Synthesize ``text`` with espeak-ng and write it as a 48 kHz mono MP3; ``--`` keeps a text that starts with
+    ``-`` from being read as an option."""
     with tempfile.NamedTemporaryFile(suffix=".wav") as wav:
         subprocess.run(
-            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", wav.name, text],
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", wav.name, "--", text],
             check=True,
             capture_output=True,
         )

@@ -10,6 +10,7 @@ so this import is a feature, not a demo shortcut.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Iterable
@@ -27,6 +28,8 @@ from transformers import (
 BINARY_VERSION = 6
 _DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
 SPECIAL = "<|endoftext|>"
+MAX_RANK = 8
+"""No Whisper variable has more dimensions; a larger count is a garbled file."""
 
 
 class CTranslate2FormatError(ValueError):
@@ -51,11 +54,22 @@ def model_bin_parts(files: dict[str, Path]) -> list[Path]:
 
 
 def read_variables(data: bytes) -> tuple[str, dict[str, torch.Tensor]]:
-    """The spec name and every variable (aliases resolved) of a CTranslate2 ``model.bin``."""
+    """The spec name and every variable (aliases resolved) of a CTranslate2 ``model.bin``.
+
+    Every count, length, shape and size is checked against the bytes that are there before anything is
+    allocated: a truncated or garbled file is one ``CTranslate2FormatError`` naming the variable, never a
+    ``struct.error`` or an allocation the header made up.
+    """
     offset = 0
+    where = "the header"
+
+    def fail(problem: str) -> CTranslate2FormatError:
+        return CTranslate2FormatError(f"model.bin: {problem} in {where} (byte {offset} of {len(data)})")
 
     def take(fmt: str) -> int:
         nonlocal offset
+        if offset + struct.calcsize(fmt) > len(data):
+            raise fail("file ends")
         (value,) = struct.unpack_from(fmt, data, offset)
         offset += struct.calcsize(fmt)
         return value
@@ -63,7 +77,12 @@ def read_variables(data: bytes) -> tuple[str, dict[str, torch.Tensor]]:
     def text() -> str:
         nonlocal offset
         length = take("H")
-        value = data[offset : offset + length - 1].decode("utf-8")
+        if length == 0 or offset + length > len(data):
+            raise fail(f"a name of {length} bytes does not fit")
+        try:
+            value = data[offset : offset + length - 1].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise fail("a name is not UTF-8") from exc
         offset += length
         return value
 
@@ -76,15 +95,31 @@ def read_variables(data: bytes) -> tuple[str, dict[str, torch.Tensor]]:
     take("I")  # spec revision: the Whisper layout is the same in revisions 2 and 3
     variables: dict[str, torch.Tensor] = {}
     for _ in range(take("I")):
+        where = f"variable #{len(variables) + 1}"
         name = text()
-        shape = [take("I") for _ in range(take("B"))]
-        dtype = _DTYPES[take("B")]
+        where = f"variable {name!r}"
+        rank = take("B")
+        if rank > MAX_RANK:
+            raise fail(f"rank {rank} (at most {MAX_RANK})")
+        shape = [take("I") for _ in range(rank)]
+        dtype_id = take("B")
+        if dtype_id not in _DTYPES:
+            raise fail(f"unknown dtype id {dtype_id}")
+        dtype = _DTYPES[dtype_id]
         size = take("I")
+        expected = math.prod(shape) * dtype.itemsize
+        if size != expected:
+            raise fail(f"{size} bytes for shape {shape} of {dtype} ({expected} expected)")
+        if offset + size > len(data):
+            raise fail(f"{size} bytes declared, {len(data) - offset} left")
         raw = bytearray(data[offset : offset + size])
         offset += size
-        variables[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if size else torch.empty(0, dtype=dtype)
+        variables[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if size else torch.empty(shape, dtype=dtype)
+    where = "the aliases"
     for _ in range(take("I")):
         alias, target = text(), text()
+        if target not in variables:
+            raise fail(f"alias {alias!r} names a missing variable {target!r}")
         variables[alias] = variables[target]
     return spec, variables
 
@@ -209,12 +244,19 @@ def import_model(files: dict[str, Path], parts: list[Path], out_dir: Path) -> No
     spec, variables = read_variables(b"".join(part.read_bytes() for part in parts))
     if spec != "WhisperSpec":
         raise CTranslate2FormatError(f"model.bin holds a {spec}, not a WhisperSpec")
-    ct2_config = json.loads(files["config.json"].read_text()) if "config.json" in files else {}
-    config = whisper_config(variables, ct2_config)
-    state = to_transformers_state(variables)
-    with torch.device("meta"):
-        model = WhisperForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        ct2_config = json.loads(files["config.json"].read_text()) if "config.json" in files else {}
+        config = whisper_config(variables, ct2_config)
+        state = to_transformers_state(variables)
+        with torch.device("meta"):
+            model = WhisperForConditionalGeneration(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except KeyError as exc:
+        raise CTranslate2FormatError(f"model.bin has no variable {exc.args[0]!r} a Whisper needs") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+        raise CTranslate2FormatError(f"config.json is not a CTranslate2 Whisper config: {exc}") from None
+    except (RuntimeError, ValueError, IndexError) as exc:  # shapes that do not fit together
+        raise CTranslate2FormatError(f"model.bin's variables do not form a Whisper: {str(exc)[:300]}") from None
     if unexpected or set(missing) - {"proj_out.weight"}:
         raise CTranslate2FormatError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
