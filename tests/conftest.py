@@ -117,12 +117,11 @@ def s3_endpoint():
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
     import logging
-    import socket
+
+    from tests.builders import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

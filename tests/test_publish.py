@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -78,7 +77,6 @@ def test_attachments_are_rendered_from_the_manifest_and_written_before_it(checkp
 
 def test_publish_to_s3_served_on_loopback(checkpoints, base, s3_endpoint, monkeypatch):
     boto3 = pytest.importorskip("boto3")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-not-logged")
     options = StorageOptions(s3_endpoint=s3_endpoint)  # the endpoint in the config only, not in the environment
     experiment = open_location("s3://models/whisper", options).join("pub")

@@ -142,7 +142,7 @@ def _common_voice_split(root: Location, language: str, split: str, limit: int | 
         table = table.slice(0, limit)
     names = table.column("path").to_pylist()
     folder = AudioFolder(root.join(language, "clips"), allow_outside)
-    paths = [folder.resolve(name) for name in names]
+    audio = [folder.audio(name) for name in names]
     n = len(names)
     rows = _table(
         {
@@ -150,8 +150,8 @@ def _common_voice_split(root: Location, language: str, split: str, limit: int | 
             "language": [language] * n,
             "split": [split] * n,
             "sentence": table.column("sentence").to_pylist(),
-            "audio_path": paths,
-            "drop_reason": [None if path else "outside_source" for path in paths],
+            "audio_path": [row["audio_path"] for row in audio],
+            "drop_reason": [row["drop_reason"] for row in audio],
         },
         n,
     )
