@@ -8,7 +8,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 DEMO_DIR := artifacts/demo-corpus
 export RAY_DATA_DISABLE_PROGRESS_BARS ?= 0
 
-.PHONY: install espeak demo test clean
+.PHONY: install espeak demo test gpu-lock clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install espeak $(DEMO_DIR)/README.md
 test: install espeak
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q
 	$(PY) -m ruff check whisper_lora ray_jobs tests benchmarks
+
+# The GPU image's exact pins (cluster/Dockerfile): what is installed in .venv, torch as its CUDA build.
+gpu-lock: install
+	$(PY) cluster/gpu_lock.py > cluster/requirements-gpu.txt.new && mv cluster/requirements-gpu.txt.new cluster/requirements-gpu.txt
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -115,7 +115,8 @@ def main() -> None:
     base = resolve_base_model(config.model.base, config.model.cache_dir).path
     train_dir = str(split_dir(prepared_dir(config), args.language, config.data.train_split))
     eval_dir = str(split_dir(prepared_dir(config), args.language, config.data.eval_split))
-    plan = worker_plan(config, base, args.language, train_rows(config, args.language), eval_dir).model_dump(mode="json")
+    rows = train_rows(config, args.language)
+    plan = worker_plan(config, base, args.language, rows, train_dir, eval_dir).model_dump(mode="json")
     results = [in_child(plan, train_dir, precision, args.steps) for precision in ("fp32", "int8")]
     results.append(ray_loop(config))
     for result in results:

@@ -1,5 +1,5 @@
-"""Plain builders for test inputs (fixtures live in ``conftest.py``): audio clips, Common Voice releases, random
-adapters, trial outcomes as Tune reports them."""
+"""Plain builders for test inputs (fixtures live in ``conftest.py``): audio clips, Common Voice releases, prepared
+splits, random adapters, trial outcomes as Tune reports them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import soundfile as sf
+from ray.data.extensions import ArrowTensorArray
 
 from whisper_lora.manifest import CheckpointScores, Scores
 from whisper_lora.tune.select import TrialOutcome
@@ -90,3 +93,24 @@ def random_adapters(tiny_model_dir: str, root: Path, names: list[str]) -> dict[s
                 parameter.data.normal_()
         model.save_pretrained(root / name / "adapter")
     return {name: str(root / name) for name in names}
+
+
+def write_split(directory: Path, files: list[int], row_group_rows: int = 8) -> Path:
+    """A prepared-looking split: ``files[i]`` rows in file i, row ids ``r<n>`` numbered through the files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    number = 0
+    for index, rows in enumerate(files):
+        ids = [f"r{number + i:03d}" for i in range(rows)]
+        table = pa.table(
+            {
+                "id": ids,
+                "duration_s": np.full(rows, 1.5),
+                "label_ids": [[50258, 50276, 220 + number + i, 50257] for i in range(rows)],
+                "input_features": ArrowTensorArray.from_numpy(
+                    np.stack([np.full((4, 6), number + i, dtype=np.float32) for i in range(rows)])
+                ),
+            }
+        )
+        pq.write_table(table, directory / f"part-{index}.parquet", row_group_size=row_group_rows)
+        number += rows
+    return directory

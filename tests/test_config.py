@@ -86,7 +86,8 @@ def test_every_field_that_names_a_location_is_marked_so_workers_get_it_absolute(
     looks_like_a_location = [
         name
         for name, info in _fields(JobConfig)
-        if info.annotation is Path or name.rsplit(".", 1)[-1] in {"path", "storage", "storage_path", "base"}
+        if info.annotation is Path
+        or name.rsplit(".", 1)[-1] in {"path", "storage", "storage_path", "base"}
         or name.endswith("_dir")
     ]
     marked = [name for name, info in _fields(JobConfig) if any(isinstance(m, LocationField) for m in info.metadata)]

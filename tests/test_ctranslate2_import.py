@@ -105,6 +105,28 @@ def test_split_ctranslate2_model_round_trips_to_the_same_weights(tiny_model_dir,
     assert again == resolved
 
 
+def test_the_import_carries_the_multilingual_special_ids_and_loads_as_float32(tiny_ct2_dir, tmp_path):
+    import numpy as np
+
+    from whisper_lora.data.collate import collate, model_inputs
+
+    resolved = resolve_base_model(str(tiny_ct2_dir), tmp_path / "cache")
+    config = json.loads((Path(resolved.path) / "config.json").read_text())
+    ids = [config[f"{name}_token_id"] for name in ("bos", "eos", "pad", "decoder_start")]
+    assert ids == [50257, 50257, 50257, 50258]  # as openai/whisper-base's own config.json
+    assert config["begin_suppress_tokens"] == [220, 50257] and 50362 in config["suppress_tokens"]
+    model = WhisperForConditionalGeneration.from_pretrained(resolved.path).eval()  # no dtype: what a user writes
+    assert model.dtype == torch.float32
+
+    rows = [[50258, 50276, 50359, 50363, 1000, 2000, 3000, 50257], [50258, 50276, 50359, 50363, 4000, 50257]]
+    features = [np.random.default_rng(i).standard_normal((80, 120)).astype(np.float32) for i in range(2)]
+    batch = model_inputs(collate({"input_features": features, "label_ids": rows}), torch.device("cpu"))
+    with torch.no_grad():
+        explicit = model(**batch).loss  # the project's path: decoder input = the sequence less its last token
+        shifted = model(input_features=batch["input_features"], labels=batch["labels"]).loss  # Seq2SeqTrainer's
+    assert torch.equal(explicit, shifted)
+
+
 def test_parts_must_be_complete_and_format_checked(tmp_path):
     with pytest.raises(CTranslate2FormatError, match="without gaps"):
         model_bin_parts({"model.bin.part1": tmp_path / "a", "model.bin.part3": tmp_path / "b"})

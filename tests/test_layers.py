@@ -9,16 +9,16 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "whisper_lora"
 LAYERS = [
     ["storage", "languages", "text", "models.sizes"],
-    ["config", "metrics", "manifest"],
+    ["config", "metrics", "manifest", "console"],
     ["ray_runtime", "models"],
     ["data.sources", "data.audio"],
-    ["data.features", "data.stats", "data.collate", "data.prepared", "demo"],
+    ["data.features", "data.stats", "data.collate", "data.prepared", "data.epochs", "demo"],
     ["data.pipeline", "evaluate"],
     ["prepare", "encode", "score"],
     ["train"],
     ["tune", "cost"],
-    ["publish"],
-    ["report", "transcribe"],
+    ["publish", "portable"],
+    ["report", "transcribe", "export"],
     ["job"],
     ["cli"],
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -9,13 +10,18 @@ import pytest
 from tests.builders import ZERO_SHOT
 from whisper_lora.manifest import (
     SCHEMA_VERSION,
+    AttachedFile,
     BaseModelRecord,
     EvalSet,
     FileRecord,
+    HistoryPoint,
     Manifest,
     ManifestError,
     PublishedAdapter,
+    Scores,
+    Scoring,
     SelectedAdapter,
+    TrialSummary,
     parse_manifest,
     read_manifest,
 )
@@ -51,7 +57,48 @@ def test_a_version_1_manifest_reads_as_the_current_schema_and_round_trips():
     again = parse_manifest(manifest.to_json())
     assert again == manifest
     written = json.loads(manifest.to_json())
-    assert set(VERSION_1) == set(written) and set(PUBLISHED) == set(written["languages"]["hi"])
+    assert set(VERSION_1) <= set(written) and set(PUBLISHED) <= set(written["languages"]["hi"])
+
+
+def test_a_version_2_manifest_reads_as_3_with_basic_scores_and_no_test_scores_curves_or_config():
+    version_2 = {**VERSION_1, "schema_version": 2, "trials": [{**TRIAL, "best_step": 20, "error": None}]}
+    manifest = parse_manifest(json.dumps(version_2))
+    hindi = manifest.languages["hi"]
+    assert manifest.schema_version == SCHEMA_VERSION == 3
+    assert (hindi.test, hindi.zero_shot_test, hindi.test_scoring, hindi.config) == (None, None, None, None)
+    assert hindi.normalizer == hindi.zero_shot.normalizer == "basic"  # what every score before 3 was
+    assert manifest.trials[0].history == []
+
+
+def test_version_3_carries_test_scores_how_they_were_scored_the_config_and_curves():
+    test = Scores(primary=0.35, wer=0.35, cer=0.12, raw_wer=0.4, normalizer="indic")
+    entry = {
+        **PUBLISHED,
+        "normalizer": "indic",
+        "test": test.model_dump(),
+        "zero_shot_test": {**ZERO_SHOT.model_dump(), "normalizer": "indic"},
+        "test_scoring": {"split": "test", "utterances": 16, "precision": "float16", "device": "cuda (NVIDIA A10G)"},
+        "config": AttachedFile.of("configs/0123456789ab.yaml", b"experiment: x\n").model_dump(),
+    }
+    history = [HistoryPoint(step=5, loss=2.0, learning_rate=1e-3), HistoryPoint(step=10, loss=1.5, primary=0.3)]
+    tree = {**VERSION_1, "schema_version": 3, "languages": {"hi": entry},
+            "trials": [TrialSummary(**TRIAL, history=history).model_dump()]}  # fmt: skip
+    manifest = parse_manifest(json.dumps(tree))
+    hindi = manifest.languages["hi"]
+    assert hindi.test == test and hindi.zero_shot_test.normalizer == "indic"
+    assert hindi.test_scoring == Scoring(split="test", utterances=16, precision="float16", device="cuda (NVIDIA A10G)")
+    assert hindi.config.bytes == 14 and hindi.config.sha256 == hashlib.sha256(b"experiment: x\n").hexdigest()
+    assert manifest.trials[0].history == history
+    assert parse_manifest(manifest.to_json()) == manifest
+
+
+def test_scores_of_a_report_take_the_normaliser_when_reported_and_basic_otherwise():
+    report = {"primary": 0.3, "wer": 0.3, "cer": 0.1, "raw_wer": 0.4, "loss": 1.0}
+    assert Scores.of(report).normalizer == "basic"
+    assert Scores.of({**report, "normalizer": float("nan")}).normalizer == "basic"  # Tune's table: NaN when absent
+    assert Scores.of({**report, "normalizer": "indic"}).normalizer == "indic"
+    with pytest.raises(KeyError):
+        Scores.of({"primary": 0.3})
 
 
 @pytest.mark.parametrize(
@@ -84,7 +131,9 @@ def test_an_adapter_keeps_its_place_unless_beaten_on_the_same_ground():
     better = SelectedAdapter.model_validate({**SELECTED, "value": 0.2})
     worse = SelectedAdapter.model_validate({**SELECTED, "value": 0.4})
     other_eval = SelectedAdapter.model_validate({**SELECTED, "value": 0.4, "eval": EvalSet(split="dev", utterances=9)})
+    other_normaliser = SelectedAdapter.model_validate({**SELECTED, "value": 0.4, "normalizer": "indic"})
     assert worse.keeps(published) and not better.keeps(published)
     assert not other_eval.keeps(published)  # scores on another eval set do not compare
+    assert not other_normaliser.keeps(published)  # nor scores after another normaliser
     assert not better.keeps(None)
     assert FileRecord(sha256="b" * 64, bytes=12) == published.files["adapter_model.safetensors"]

@@ -1,6 +1,7 @@
 """The main job submitted with ``ray job submit`` to a ``ray start --head`` cluster, on a tiny random Whisper: a
 sweep over 2 languages × 2 ranks, stopped midway and submitted again, publishes one verified adapter per language
-with its manifest and report; a downstream job transcribes with it."""
+with its manifest and report; a downstream job transcribes with it. And what names a sweep: settings that change
+results start a new one, scheduling, resource and logging settings resume the old one."""
 
 from __future__ import annotations
 
@@ -194,7 +195,7 @@ def test_sweep_publishes_one_verified_adapter_per_language(swept):
             assert (adapter / name).stat().st_size == recorded.bytes
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == entry.rank
     assert json.loads((published / MANIFEST).read_text()) == json.loads(manifest.to_json())
-    assert manifest.schema_version == 2 and all(t.best_step for t in manifest.trials)
+    assert manifest.schema_version == 3 and all(t.best_step for t in manifest.trials)
     for name in ("report.md", "error_by_rank.png", "best_vs_zero_shot.png"):
         assert (published / name).stat().st_size > 0
     assert "| hi | WER |" in (published / "report.md").read_text()
@@ -220,3 +221,62 @@ def test_a_downstream_job_transcribes_with_the_published_adapter(swept, tmp_path
         handle.write(b"\0")
     with pytest.raises(PublishedAdapterError, match="sha256"):
         transcribe_files(str(tampered), [str(clip)], config.model.cache_dir)
+
+
+def _named(tmp_path: Path, *overrides: str) -> str:
+    from whisper_lora.tune.sweep import sweep_name
+
+    return sweep_name(load_config(None, [f"data.source.path={tmp_path}", "tune.ranks=4,8", *overrides]))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tune.max_concurrent_trials=3",
+        "train.cpus_per_worker=1",
+        "train.torch_threads=2",
+        "train.max_failures=5",
+        "train.log_every_steps=1",
+        "train.checkpoints_to_keep=4",
+        "train.storage_path=s3://bucket/ray",
+        "eval.batch_size=1",
+        "tracking.mlflow=true",
+        "tracking.tensorboard=false",
+        "train.seed=0",  # a default written out is the same plan
+        "train.learning_rate=0.5",  # every trial takes its own from tune.learning_rates
+    ],
+)
+def test_scheduling_resources_and_logging_keep_the_sweep(tmp_path, override):
+    assert _named(tmp_path, override) == _named(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tune.learning_rates=1e-3,3e-4",
+        "tune.ranks=4,16",
+        "train.seed=1",
+        "train.max_steps=50",
+        "train.batch_size=2",
+        "train.lora.target_modules=all-linear",
+        "data.languages=hi",
+        "eval.max_utterances=10",
+        "tune.asha.enabled=true",
+    ],
+)
+def test_what_changes_results_starts_a_new_sweep(tmp_path, override):
+    assert _named(tmp_path, override) != _named(tmp_path)
+
+
+def test_every_exclusion_names_a_config_field():
+    from pydantic import BaseModel
+
+    from whisper_lora.config import JobConfig
+    from whisper_lora.tune.sweep import NOT_IDENTITY
+
+    for dotted in NOT_IDENTITY:
+        model: type[BaseModel] = JobConfig
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            model = model.model_fields[name].annotation
+        assert leaf in model.model_fields, dotted

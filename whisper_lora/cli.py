@@ -21,6 +21,16 @@ def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _with_model_cache_and_storage(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--cache-dir`` and the storage section's flags, for a command without a config."""
+    cache_dir = ModelConfig.model_fields["cache_dir"]
+    parser.add_argument("--cache-dir", default=str(cache_dir.default), help=f"model.cache_dir: {cache_dir.description}")
+    for field in ("s3_endpoint", "s3_region"):
+        parser.add_argument(f"--{field.replace('_', '-')}", default=None,
+                            help=f"storage.{field}: {StorageOptions.model_fields[field].description}")  # fmt: skip
+    return parser
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from whisper_lora.data.prepared import prepared_dir
     from whisper_lora.prepare import prepare
@@ -40,21 +50,29 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
+    from whisper_lora.prepare import ensure_prepared
     from whisper_lora.ray_runtime import init_ray
-    from whisper_lora.train.trainer import train_one_language
+    from whisper_lora.train.trainer import train_one_language, train_rows, worker_plan
 
     config = load_config(args.config, args.overrides)
     init_ray(config.ray)
+    ensure_prepared(config)
+    try:  # the plan every worker would follow, checked before any worker starts
+        worker_plan(config, "", config.train_language, train_rows(config, config.train_language), "", "")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     outcome = train_one_language(config)
     summary = {key: value for key, value in asdict(outcome).items() if key != "reported"}
     print(json.dumps({"adapter": outcome.adapter_dir, **summary}, indent=2, ensure_ascii=False, default=str))
 
 
 def _tune(args: argparse.Namespace) -> None:
+    from whisper_lora.console import summary_table
     from whisper_lora.job import tune_languages
 
-    manifest = tune_languages(load_config(args.config, args.overrides))
-    print(manifest.to_json().decode("utf-8"))
+    config = load_config(args.config, args.overrides)
+    manifest = tune_languages(config)
+    print(summary_table(manifest, f"{config.publish.storage.rstrip('/')}/{config.experiment}/manifest.json"))
 
 
 def _compare_cost(args: argparse.Namespace) -> None:
@@ -72,11 +90,27 @@ def _transcribe(args: argparse.Namespace) -> None:
 
     storage = StorageOptions(s3_endpoint=args.s3_endpoint, s3_region=args.s3_region)
     try:
-        results = transcribe_files(args.adapter, args.files, Path(args.cache_dir), args.base, storage=storage)
+        results = transcribe_files(
+            args.adapter, args.files, Path(args.cache_dir), args.base, storage=storage, device=args.device
+        )
     except PublishedAdapterError as exc:
         raise ConfigError(str(exc)) from None
     for path, text in results:
         print(f"{path}\t{text}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from whisper_lora.export import ExportError, export_adapter
+
+    storage = StorageOptions(s3_endpoint=args.s3_endpoint, s3_region=args.s3_region)
+    try:
+        out, record = export_adapter(args.adapter, args.to, Path(args.out) if args.out else None, args.quantization,
+                                     args.language, args.base, Path(args.cache_dir), storage)  # fmt: skip
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps({"exported": str(out), **record.model_dump(mode="json", exclude={"files"})}, indent=2))
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -112,15 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe = commands.add_parser("transcribe", help="transcribe audio files with a published adapter")
     transcribe.add_argument("--adapter", required=True, help="published language directory (path or s3://)")
     transcribe.add_argument("--base", default=None, help="base model spec (default: the manifest's)")
-    cache_dir = ModelConfig.model_fields["cache_dir"]
-    transcribe.add_argument(
-        "--cache-dir", default=str(cache_dir.default), help=f"model.cache_dir: {cache_dir.description}"
-    )
-    for field in ("s3_endpoint", "s3_region"):  # the config's storage section, for a command without a config
-        transcribe.add_argument(f"--{field.replace('_', '-')}", default=None,
-                                help=f"storage.{field}: {StorageOptions.model_fields[field].description}")  # fmt: skip
+    transcribe.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
+    _with_model_cache_and_storage(transcribe)
     transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files or URIs (any format soundfile reads)")
     transcribe.set_defaults(run=_transcribe)
+    export = commands.add_parser("export", help="an adapter merged into its base, or converted for faster-whisper")
+    export.add_argument("--adapter", required=True, help="published adapter directory, or a checkpoint's adapter")
+    export.add_argument("--to", required=True, help="merged (transformers) or ctranslate2 (faster-whisper)")
+    export.add_argument("--quantization", default=None, help="ctranslate2: int8_float16, float16 (default), int8, "
+                        "float32; merged: float32 (default) or float16")  # fmt: skip
+    export.add_argument("--out", default=None, help="directory to write (default artifacts/exports/<lang>-<name>-…)")
+    export.add_argument("--language", default=None, help="a checkpoint's language (a published one's is known)")
+    export.add_argument("--base", default=None, help="a checkpoint's base model spec (default: the manifest's)")
+    _with_model_cache_and_storage(export)
+    export.set_defaults(run=_export)
     evaluate = _with_config(commands.add_parser("evaluate", help="score the base model (or base + adapter)"))
     evaluate.add_argument("--split", default=None, help="split to score (default: data.test_split)")
     evaluate.add_argument("--adapter", default=None, help="peft adapter directory; omit for zero-shot")
@@ -141,9 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        from whisper_lora.console import quiet
+
+        quiet()
     try:
         args.run(args)
-    except (ConfigError, SourceError, ModelNotFound, CTranslate2FormatError, ManifestError, StorageError) as exc:
+    except (
+        ConfigError, SourceError, ModelNotFound, CTranslate2FormatError, ManifestError, StorageError, FileNotFoundError
+    ) as exc:  # fmt: skip
         print(f"whisper-lora: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -21,8 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from whisper_lora.languages import get_language
+from whisper_lora.languages import Naming, get_language
 from whisper_lora.storage import StorageError, StorageOptions, absolute, is_remote, refuse_credentials
+from whisper_lora.text import INDIC_LANGUAGES, Normalizer
 
 
 class ConfigError(ValueError):
@@ -71,19 +72,48 @@ class ModelConfig(_Section):
 
 
 class SourceConfig(_Section):
-    kind: Literal["common_voice", "parquet", "manifest"] = Field(
+    kind: Literal["common_voice", "parquet", "manifest", "save_to_disk"] = Field(
         "common_voice",
         description=(
             "common_voice: a release directory <path>/<lang>/<split>.tsv + clips/; parquet: Hugging Face audio "
-            "layout (audio.bytes/audio.path, sentence); manifest: NeMo JSONL (audio_filepath, text, language)."
+            "layout (audio.bytes/audio.path, sentence), e.g. FLEURS' <lang>/<split>/*.parquet; manifest: NeMo JSONL "
+            "(audio_filepath, text, language); save_to_disk: a directory written by datasets' save_to_disk "
+            "(a Dataset, or a DatasetDict with one subdirectory per split)."
         ),
     )
     path: Location = Field(
         ...,
         description=(
-            "Root directory (common_voice), or a file, directory or glob for parquet/manifest, local or s3://. "
-            "'{lang}' and '{split}' in the path are replaced by each language and split."
+            "Root directory (common_voice, save_to_disk), or a file, directory or glob for parquet/manifest; local, "
+            "s3:// or hf://datasets/<owner>/<name>/... (needs the network). '{lang}' and '{split}' in the path are "
+            "replaced by each language (as language_names spells it) and split."
         ),
+    )
+    text_column: str | None = Field(
+        None,
+        description=(
+            "Column (JSON key) holding the transcript; null: the first of sentence, text, transcription "
+            "(FLEURS has transcription, lower-cased, and raw_transcription, as written)."
+        ),
+    )
+    language_column: str | None = Field(
+        None,
+        description=(
+            "Column holding each row's language when the path has no '{lang}'; null: language, else locale. "
+            "Values may be codes (hi), names (Hindi, marathi) or FLEURS names (hi_in), and language_map spellings; "
+            "a value matching no language is dropped and counted (unknown_language)."
+        ),
+    )
+    language_names: Naming = Field(
+        "code",
+        description=(
+            "How the source spells languages in its paths ('{lang}', Common Voice directories): code (mr: Common "
+            "Voice), name (marathi: IndicVoices, Kathbath) or fleurs (mr_in)."
+        ),
+    )
+    language_map: dict[str, str] = Field(
+        {},
+        description="Whisper code → the source's own spelling, over language_names, e.g. {mr: Marathi_IN}.",
     )
     allow_outside_paths: bool = Field(
         False,
@@ -104,6 +134,13 @@ class SourceConfig(_Section):
         if not anchor.exists():
             raise ValueError(f"does not exist: {anchor}")
         return path
+
+    @field_validator("language_map")
+    @classmethod
+    def _known_codes(cls, value: dict[str, str]) -> dict[str, str]:
+        for code in value:
+            get_language(code)
+        return value
 
 
 class DataConfig(_Section):
@@ -213,14 +250,26 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(
         0.5, gt=0, description="CPUs reserved per worker; 0.5 leaves Ray Data room on small machines."
     )
-    materialize_fraction: float = Field(
-        0.25,
-        ge=0,
-        le=1,
+    shuffle_window: int = Field(
+        1024,
+        ge=1,
         description=(
-            "Hold the prepared train split in Ray's object store when it needs at most this fraction of it: "
-            "re-reading Parquet costs seconds per epoch, which dominates small low-resource corpora. 0 streams always."
+            "Rows shuffled together each epoch (after chunks of 16 rows are permuted): the order is a function of "
+            "seed and epoch alone, so a restarted worker skips exactly the rows it had trained on."
         ),
+    )
+    data_cache_mib: int = Field(
+        4096,
+        ge=0,
+        description=(
+            "Row groups of the train split each worker keeps in memory between epochs; a small low-resource split "
+            "is then read from storage once. 0 reads every epoch."
+        ),
+    )
+    log_every_steps: int = Field(
+        5,
+        ge=1,
+        description="Report training metrics (loss, learning rate, gradient norm, samples/s, data wait) every N steps.",
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Best checkpoints (by primary metric) kept per run.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
@@ -237,7 +286,7 @@ class TrainConfig(_Section):
         """``storage_path`` as Ray takes it: remote URIs unchanged, local paths absolute."""
         return absolute(self.storage_path)
 
-    seed: int = Field(0, description="Seed for weights of new adapters and for data order.")
+    seed: int = Field(0, description="Seed for weights of new adapters, dropout and the data order of every epoch.")
 
 
 class AshaConfig(_Section):
@@ -339,6 +388,40 @@ class EvalConfig(_Section):
     max_utterances: int | None = Field(
         None, ge=1, description="Score at most this many utterances per language and split; null scores all."
     )
+    normalizer: Normalizer = Field(
+        "basic",
+        description=(
+            "Text normalisation before WER/CER. basic: ours (NFC, joiners resolved, punctuation dropped, vowel signs "
+            "kept); indic: the whisper-normalizer package's script normaliser first (nuktas, chillus, digits "
+            "spelled out), as published Indic results use it. The manifest names it beside every score."
+        ),
+    )
+
+
+class TrackingConfig(_Section):
+    mlflow: bool = Field(
+        False,
+        description=(
+            "Log the sweep to MLflow: one run per trial with its language, rank, learning rate, alpha and target "
+            "modules as params, every report as metrics by optimizer step, and the published adapter's URI as the "
+            "tag published_adapter. Needs the tracking extra: pip install 'whisper-lora[tracking]'."
+        ),
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description=(
+            "MLflow tracking URI: http(s)://server:port, databricks, sqlite:////absolute/path.db. null: "
+            "$MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/<experiment>/mlflow.db on the driver."
+        ),
+    )
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment name; null: the config's experiment.")
+    tensorboard: bool = Field(
+        True,
+        description=(
+            "Write TensorBoard event files in every trial's directory (tensorboard --logdir "
+            "<train.storage_path>/<sweep>); false: Tune writes only its result.json and progress.csv."
+        ),
+    )
 
 
 class RayConfig(_Section):
@@ -369,9 +452,8 @@ class JobConfig(_Section):
         if name in (".", ".."):
             raise ValueError(f"{name!r} is not a name: outputs would land above their directory")
         return name
-    output_dir: LocalDir = Field(
-        Path("artifacts/runs"), description="Local directory for prepared data and reports."
-    )
+
+    output_dir: LocalDir = Field(Path("artifacts/runs"), description="Local directory for prepared data and reports.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     data: DataConfig = Field(..., description="Sources, languages and filters of the audio pipeline.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The Ray Train stage.")
@@ -380,6 +462,9 @@ class JobConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Where selected adapters go.")
     cost: CostConfig = Field(default_factory=CostConfig, description="The full-vs-LoRA comparison and projection.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking of the sweep: MLflow and TensorBoard."
+    )
     storage: StorageOptions = Field(
         default_factory=StorageOptions,
         description="How remote locations (s3://…) are reached, for sources, Ray storage and publishing alike.",
@@ -389,6 +474,9 @@ class JobConfig(_Section):
     def _train_language_configured(self) -> JobConfig:
         if self.train.language is not None and self.train.language not in self.data.languages:
             raise ValueError(f"train.language {self.train.language!r} is not in data.languages {self.data.languages}")
+        if self.eval.normalizer == "indic" and set(self.data.languages) - INDIC_LANGUAGES:
+            missing = sorted(set(self.data.languages) - INDIC_LANGUAGES)
+            raise ValueError(f"eval.normalizer 'indic' has no script normaliser for {missing}: use 'basic'")
         return self
 
     def with_absolute_paths(self) -> JobConfig:

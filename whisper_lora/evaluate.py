@@ -19,6 +19,7 @@ from whisper_lora.data.collate import encoder_input
 from whisper_lora.data.prepared import iter_batches
 from whisper_lora.languages import get_language
 from whisper_lora.metrics import error_rates
+from whisper_lora.text import Normalizer
 
 GENERATION_MARGIN = 8
 PROMPT_TOKENS = 4
@@ -60,10 +61,12 @@ def evaluate(
     batches: Iterable[dict[str, np.ndarray]],
     language: str,
     keep_samples: int = 5,
+    normalizer: Normalizer = "basic",
 ) -> dict:
     """Error rates of ``model`` over prepared or encoded batches (``label_ids``, ``sentence`` and the encoder input).
 
-    Returns ``wer``, ``cer``, ``raw_wer``, ``primary``, ``utterances``, ``seconds`` and a few ``samples``.
+    Returns ``wer``, ``cer``, ``raw_wer``, ``primary``, ``utterances``, ``normalizer`` (the text normaliser the
+    rates were computed after), ``seconds`` and a few ``samples``.
     """
     was_training = model.training
     model.eval()
@@ -76,7 +79,8 @@ def evaluate(
         hypotheses += greedy_transcripts(model, tokenizer, encoder_input(batch), language, limit)
         references += [str(sentence) for sentence in batch["sentence"]]
     model.train(was_training)
-    rates = error_rates(references, hypotheses, get_language(language))
+    rates: dict = error_rates(references, hypotheses, get_language(language), normalizer)
+    rates["normalizer"] = normalizer
     rates["seconds"] = round(time.perf_counter() - started, 2)
     rates["samples"] = [
         {"reference": r, "hypothesis": h}
@@ -93,7 +97,9 @@ def score_split(
     batch_size: int,
     limit: int | None = None,
     keep_samples: int = 5,
+    normalizer: Normalizer = "basic",
 ) -> dict:
     """``evaluate`` over a prepared (or encoded) split directory, in ``id`` order, at most ``limit`` utterances:
-    the one scorer of training evaluation, zero-shot scores and ``whisper-lora evaluate``."""
-    return evaluate(model, tokenizer, iter_batches(directory, batch_size, limit), language, keep_samples)
+    the one scorer of training evaluation, zero-shot and test scores and ``whisper-lora evaluate``."""
+    batches = iter_batches(directory, batch_size, limit)
+    return evaluate(model, tokenizer, batches, language, keep_samples, normalizer)

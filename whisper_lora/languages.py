@@ -15,6 +15,9 @@ from typing import Literal
 from transformers.models.whisper.tokenization_whisper import LANGUAGES as WHISPER_LANGUAGES
 
 Metric = Literal["wer", "cer"]
+Naming = Literal["code", "name", "fleurs"]
+"""How a dataset spells a language in its paths and columns: Whisper's code (``mr``: Common Voice), Whisper's
+English name (``marathi``: IndicVoices, Kathbath), or FLEURS' config name (``mr_in``)."""
 
 SCRIPT_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
     "Devanagari": ((0x0900, 0x097F), (0xA8E0, 0xA8FF)),
@@ -39,6 +42,8 @@ class Language:
     """The error rate that selects adapters: ``"wer"``, or ``"cer"`` where WER is not meaningful."""
     espeak_voice: str | None
     """espeak-ng voice that speaks it (the demo corpus), ``None`` when not registered."""
+    fleurs: str | None = None
+    """FLEURS' config (directory) name, e.g. ``"mr_in"``; ``None`` when not registered."""
 
     @property
     def has_case(self) -> bool:
@@ -56,12 +61,12 @@ class Language:
 REGISTERED: dict[str, Language] = {
     lang.code: lang
     for lang in (
-        Language("mr", "marathi", "Devanagari", "wer", "mr"),
-        Language("hi", "hindi", "Devanagari", "wer", "hi"),
-        Language("ta", "tamil", "Tamil", "cer", "ta"),
-        Language("te", "telugu", "Telugu", "cer", "te"),
-        Language("kn", "kannada", "Kannada", "cer", "kn"),
-        Language("ml", "malayalam", "Malayalam", "cer", "ml"),
+        Language("mr", "marathi", "Devanagari", "wer", "mr", "mr_in"),
+        Language("hi", "hindi", "Devanagari", "wer", "hi", "hi_in"),
+        Language("ta", "tamil", "Tamil", "cer", "ta", "ta_in"),
+        Language("te", "telugu", "Telugu", "cer", "te", "te_in"),
+        Language("kn", "kannada", "Kannada", "cer", "kn", "kn_in"),
+        Language("ml", "malayalam", "Malayalam", "cer", "ml", "ml_in"),
     )
 }
 
@@ -73,3 +78,29 @@ def get_language(code: str) -> Language:
     if code in WHISPER_LANGUAGES:
         return Language(code, WHISPER_LANGUAGES[code], None, "wer", None)
     raise ValueError(f"unknown language code {code!r}: use one of Whisper's codes, e.g. {', '.join(REGISTERED)}")
+
+
+def spelling(code: str, naming: Naming, overrides: dict[str, str] | None = None) -> str:
+    """How a dataset spells ``code`` in its paths (what ``{lang}`` becomes): ``overrides`` first, then ``naming``."""
+    if overrides and code in overrides:
+        return overrides[code]
+    language = get_language(code)
+    if naming == "code":
+        return code
+    if naming == "name":
+        return language.name
+    if language.fleurs is None:
+        raise ValueError(f"no FLEURS name registered for {code!r}: give it in data.source.language_map, e.g. "
+                         f"{{{code}: {code}_xx}}")  # fmt: skip
+    return language.fleurs
+
+
+def language_lookup(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Every spelling a dataset may use for a language, case-folded → Whisper code: the codes and English names
+    of all Whisper languages, the registered FLEURS names, and ``overrides`` (code → spelling) on top. A FLEURS
+    row says ``"Hindi"`` where its directory says ``hi_in``: both resolve to ``hi``, whatever the path naming."""
+    lookup = {name.casefold(): code for code, name in WHISPER_LANGUAGES.items()}
+    lookup |= {code.casefold(): code for code in WHISPER_LANGUAGES}
+    lookup |= {lang.fleurs.casefold(): code for code, lang in REGISTERED.items() if lang.fleurs}
+    lookup |= {spelled.casefold(): code for code, spelled in (overrides or {}).items()}
+    return lookup

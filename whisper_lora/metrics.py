@@ -7,15 +7,18 @@ from collections.abc import Sequence
 import jiwer
 
 from whisper_lora.languages import Language
-from whisper_lora.text import clean_transcript, normalize_for_scoring
+from whisper_lora.text import Normalizer, clean_transcript, normalize_for_scoring
 
 PRIMARY = "primary"
 """Key of the language's primary error rate (WER, or CER where the registry says so) in every score mapping and
 Ray report: what checkpoints are kept by, trials stopped by and adapters selected by."""
 
 
-def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: Language) -> dict[str, float]:
-    """Corpus-level ``wer``, ``cer`` (normalised), ``raw_wer`` (orthographic) and ``primary`` for ``language``.
+def error_rates(
+    references: Sequence[str], hypotheses: Sequence[str], language: Language, normalizer: Normalizer = "basic"
+) -> dict[str, float]:
+    """Corpus-level ``wer``, ``cer`` (text normalised by ``normalizer``: ``text.normalize_for_scoring``), ``raw_wer``
+    (orthographic) and ``primary`` for ``language``.
 
     Pairs whose reference normalises to nothing are left out of the normalised rates (they have no words to
     miss); ``utterances`` counts the pairs scored.
@@ -23,7 +26,7 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: 
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     pairs = [
-        (normalize_for_scoring(ref, language), normalize_for_scoring(hyp, language))
+        (normalize_for_scoring(ref, language, normalizer), normalize_for_scoring(hyp, language, normalizer))
         for ref, hyp in zip(references, hypotheses, strict=True)
     ]
     pairs = [(ref, hyp) for ref, hyp in pairs if ref]

@@ -3,7 +3,8 @@
 Layout under ``<storage>/<experiment>/``::
 
     manifest.json                          the only thing a reader needs; written last (``whisper_lora.manifest``)
-    adapters/<lang>/<trial_id>-<sha12>/    peft directory (adapter_config.json, adapter_model.safetensors)
+    adapters/<lang>/<trial_id>-<sha12>/    peft directory (adapter_config.json naming the recorded base,
+                                           adapter_model.safetensors, README.md model card: whisper_lora.portable)
     report.md, *.png                       attachments rendered from the manifest (``whisper_lora.report``)
 
 Adapter directories are never overwritten (their names carry the weights' hash), and the manifest is replaced in
@@ -20,6 +21,7 @@ and, when another publish landed meanwhile, merges again on top of it.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from whisper_lora.manifest import (
     adapter_files,
     read_manifest,
 )
+from whisper_lora.portable import CARD, card_record, model_card, portable_copy
 from whisper_lora.storage import Location
 from whisper_lora.train.checkpoint import ADAPTER_DIR
 
@@ -133,13 +136,16 @@ def _merged(
                 f"{selected.value:.3f} of trial {selected.trial_id})."
             )
             continue
-        source = upload.checkpoint.join(ADAPTER_DIR)
-        files = adapter_files(source)  # hashed at the source: names the directory, checks the upload
-        name = f"{selected.trial_id}-{files['adapter_model.safetensors'].sha256[:12]}"
-        target = experiment_dir.join("adapters", selected.language, name)
-        publish_adapter(source, target, files)
+        with tempfile.TemporaryDirectory(prefix="adapter-") as staging:
+            source = portable_copy(upload.checkpoint.join(ADAPTER_DIR), Path(staging), base_model)
+            files = adapter_files(source)  # hashed at the source: names the directory, checks the upload
+            name = f"{selected.trial_id}-{files['adapter_model.safetensors'].sha256[:12]}"
+            target = experiment_dir.join("adapters", selected.language, name)
+            publish_adapter(source, target, files)
+        card = model_card(selected, base_model, name)
+        target.join(CARD).replace_with(card)
         languages[selected.language] = PublishedAdapter(
-            **selected.model_dump(), adapter=target.uri, files=files, created=now()
+            **selected.model_dump(), adapter=target.uri, files=files, created=now(), card=card_record(card)
         )
     return Manifest(
         experiment=experiment_dir.name,

@@ -1,5 +1,10 @@
-"""The sweep at a glance, rendered from its manifest alone: ``report.md`` with the tables, and two PNGs (error
-by language × rank, best vs zero-shot). ``publish`` writes them beside the manifest, before it."""
+"""The sweep at a glance, rendered from its manifest alone: ``report.md`` with the tables, and its PNGs (error by
+language × rank, published adapter vs zero-shot on dev and test, and the trials' training curves when the
+manifest has them). ``publish`` writes them beside the manifest, before it.
+
+Every number says which split it comes from: *dev* is the eval split that selected the adapter (trials compete
+on it, so the winner's dev score is optimistic), *test* the held-out split scored once after selection.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from whisper_lora.languages import get_language
-from whisper_lora.manifest import Manifest, PublishedAdapter, TrialSummary
+from whisper_lora.manifest import Manifest, PublishedAdapter, Scores, TrialSummary
 
 HEATMAP = "error_by_rank.png"
 BEST_VS_ZERO_SHOT = "best_vs_zero_shot.png"
+CURVES = "training_curves.png"
 
 
 def _label(language: str) -> str:
@@ -50,53 +56,152 @@ def plot_heatmap(trials: Sequence[TrialSummary]) -> bytes:
     for (row, col), value in np.ndenumerate(grid):
         text = "failed" if np.isnan(value) else f"{value:.3f}"
         axes.text(col, row, text, ha="center", va="center", color="black" if value <= middle else "white")
-    axes.set_title("Eval error by LoRA rank (best learning rate)")
+    axes.set_title("Dev error by LoRA rank (best learning rate)")
     figure.colorbar(image, ax=axes, label="error rate (lower is better)")
     figure.tight_layout()
     return _png(figure)
 
 
 def plot_best_vs_zero_shot(entries: dict[str, PublishedAdapter]) -> bytes:
+    """Zero-shot and adapter bars per language on dev, and on test where the manifest has test scores."""
     languages = sorted(entries)
-    zero = [entries[language].zero_shot.primary for language in languages]
-    best = [entries[language].value for language in languages]
+    bars = [
+        ("zero-shot, dev", "#bbbbbb", "", [entries[lang].zero_shot.primary for lang in languages]),
+        ("adapter, dev", "#2a7ab9", "", [entries[lang].value for lang in languages]),
+    ]
+    if any(entries[lang].test is not None for lang in languages):
+        bars += [
+            ("zero-shot, test", "#dddddd", "//", [_primary(entries[lang].zero_shot_test) for lang in languages]),
+            ("adapter, test", "#174a73", "//", [_primary(entries[lang].test) for lang in languages]),
+        ]
+    width = 0.8 / len(bars)
     x = np.arange(len(languages))
-    figure = Figure(figsize=(2 + 1.2 * len(languages), 3.5))
+    figure = Figure(figsize=(max(5.0, 2 + 0.6 * len(bars) * len(languages)), 3.5))
     axes = figure.subplots()
-    axes.bar(x - 0.2, zero, 0.4, label="zero-shot base", color="#bbbbbb")
-    axes.bar(x + 0.2, best, 0.4, label="best adapter", color="#2a7ab9")
+    for index, (label, color, hatch, values) in enumerate(bars):
+        offset = (index - (len(bars) - 1) / 2) * width
+        axes.bar(x + offset, values, width, label=label, color=color, hatch=hatch, edgecolor="#333333")
     axes.set_xticks(x, [_label(language) for language in languages])
-    axes.set_ylabel("eval error rate")
-    axes.legend()
-    axes.set_title("Published adapter vs zero-shot")
+    axes.set_ylabel("error rate")
+    axes.legend(fontsize="small")
+    axes.set_title("Adapter vs zero-shot: dev (selected it) and test (held out)", fontsize="medium")
     figure.tight_layout()
     return _png(figure)
 
 
-def markdown(manifest: Manifest) -> str:
-    base = manifest.base_model
+def _primary(scores: Scores | None) -> float:
+    return np.nan if scores is None else scores.primary
+
+
+def plot_curves(manifest: Manifest) -> bytes | None:
+    """Per language (a column): training loss by step for every trial, and below it the dev primary metric at
+    each evaluation, one colour per trial (legend: rank, learning rate; ★ the published one). None when no trial
+    has a history (a manifest from before schema 3)."""
+    trials = [t for t in manifest.trials if t.history]
+    if not trials:
+        return None
+    languages = sorted({t.language for t in trials})
+    figure = Figure(figsize=(1.5 + 4.2 * len(languages), 6.5))
+    grid = figure.subplots(2, len(languages), squeeze=False, sharex="col")
+    for column, language in enumerate(languages):
+        loss_axes, metric_axes = grid[0, column], grid[1, column]
+        published = manifest.languages.get(language)
+        ranked = sorted((t for t in trials if t.language == language), key=lambda t: (t.rank, t.learning_rate))
+        for index, trial in enumerate(ranked):
+            color = f"C{index % 10}"
+            label = f"r={trial.rank} lr={trial.learning_rate:g}" + (" (failed)" if trial.failed else "")
+            if published is not None and published.trial_id == trial.trial_id:
+                label += " ★"
+            losses = [(p.step, p.loss) for p in trial.history if p.primary is None and p.loss is not None]
+            if losses:
+                loss_axes.plot(*zip(*losses, strict=True), color=color, linewidth=1.2, label=label)
+            scores = [(p.step, p.primary) for p in trial.history if p.primary is not None]
+            if scores:
+                metric_axes.plot(*zip(*scores, strict=True), color=color, marker="o", linewidth=0.8, label=label)
+        loss_axes.set_title(f"{language}: training loss")
+        metric_axes.set_title(f"{language}: dev {get_language(language).primary_metric.upper()} (evaluations)")
+        metric_axes.set_xlabel("optimizer step")
+        for axes in (loss_axes, metric_axes):
+            axes.grid(alpha=0.3)
+            if axes.get_legend_handles_labels()[0]:
+                axes.legend(fontsize="x-small")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _score(scores: Scores | None) -> str:
+    return "-" if scores is None else f"{scores.primary:.3f}"
+
+
+def _pair(dev: float, test: float | None) -> str:
+    return f"{dev:.3f} / " + ("-" if test is None else f"{test:.3f}")
+
+
+def _normalizers(entry: PublishedAdapter) -> str:
+    """The normaliser behind the entry's scores: one name, or each score's where they differ."""
+    named = {"adapter dev": entry.normalizer, "zero-shot dev": entry.zero_shot.normalizer}
+    named |= {"adapter test": entry.test.normalizer} if entry.test else {}
+    named |= {"zero-shot test": entry.zero_shot_test.normalizer} if entry.zero_shot_test else {}
+    if len(set(named.values())) == 1:
+        return entry.normalizer
+    return ", ".join(f"{what}: {name}" for what, name in named.items())
+
+
+def _published_table(manifest: Manifest) -> list[str]:
     lines = [
-        f"# {manifest.experiment}: adapters per language",
-        "",
-        f"Base model `{base.id}` (sha256 `{base.sha256[:12]}…`), "
-        f"published {manifest.created}. Scores on the eval split; lower is better.",
-        "",
-        "| language | metric | zero-shot | best | WER | CER | rank | lr | steps | trial |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| language | metric | zero-shot dev | adapter dev | zero-shot test | adapter test | WER dev / test "
+        "| CER dev / test | rank | lr | steps | trial |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for language, entry in sorted(manifest.languages.items()):
+        test = entry.test
         lines.append(
             f"| {language} | {entry.metric.upper()} | {entry.zero_shot.primary:.3f} | {entry.value:.3f} | "
-            f"{entry.wer:.3f} | {entry.cer:.3f} | {entry.rank} | {entry.learning_rate:g} | "
+            f"{_score(entry.zero_shot_test)} | {_score(test)} | {_pair(entry.wer, test and test.wer)} | "
+            f"{_pair(entry.cer, test and test.cer)} | {entry.rank} | {entry.learning_rate:g} | "
             f"{entry.train_steps} | {entry.trial_id} |"
         )
     lines += [
         "",
-        f"![error by rank]({HEATMAP}) ![best vs zero-shot]({BEST_VS_ZERO_SHOT})",
+        "| language | dev split (utterances) | test split (utterances) | normaliser | test precision | test device "
+        "| run config |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for language, entry in sorted(manifest.languages.items()):
+        scoring = entry.test_scoring
+        test_split = "not scored" if scoring is None else f"{scoring.split} ({scoring.utterances})"
+        config = "-" if entry.config is None else f"[{entry.config.name}]({entry.config.name})"
+        lines.append(
+            f"| {language} | {entry.eval.split} ({entry.eval.utterances}) | {test_split} | {_normalizers(entry)} | "
+            f"{scoring.precision if scoring else '-'} | {scoring.device if scoring else '-'} | {config} |"
+        )
+    return lines
+
+
+def markdown(manifest: Manifest, curves: bool = False) -> str:
+    """``report.md``; ``curves``: whether the training-curves PNG is published beside it."""
+    base = manifest.base_model
+    lines = [
+        f"# {manifest.experiment}: adapters per language",
+        "",
+        f"Base model `{base.id}` (sha256 `{base.sha256[:12]}…`), published {manifest.created}. Error rates, lower "
+        "is better. **dev**: the eval split, on which trials competed and the adapter was selected (its own score "
+        "there is optimistic); **test**: the held-out split, scored once after selection, the adapter and its "
+        "zero-shot base in the same precision on the same device (`-`: not scored).",
+        "",
+        *_published_table(manifest),
+        "",
+        f"![error by rank]({HEATMAP}) ![adapter vs zero-shot]({BEST_VS_ZERO_SHOT})",
+    ]
+    if curves:
+        lines += ["", f"![training curves]({CURVES})"]
+    lines += [
         "",
         "## Every trial",
         "",
-        "| trial | language | rank | lr | best | at step | status |",
+        "Best dev score of each trial (selection compares these).",
+        "",
+        "| trial | language | rank | lr | best dev | at step | status |",
         "|---|---|---|---|---|---|---|",
     ]
     for t in sorted(manifest.trials, key=lambda t: (t.language, t.rank, t.learning_rate)):
@@ -111,8 +216,10 @@ def markdown(manifest: Manifest) -> str:
 
 def report_files(manifest: Manifest) -> dict[str, bytes]:
     """``report.md`` and the PNGs it shows, by file name: ``publish``'s attachments."""
-    return {
-        "report.md": markdown(manifest).encode("utf-8"),
+    curves = plot_curves(manifest)
+    files = {
+        "report.md": markdown(manifest, curves is not None).encode("utf-8"),
         HEATMAP: plot_heatmap(manifest.trials),
         BEST_VS_ZERO_SHOT: plot_best_vs_zero_shot(manifest.languages),
     }
+    return files | ({CURVES: curves} if curves is not None else {})

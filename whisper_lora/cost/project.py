@@ -124,7 +124,8 @@ def project_instance(
     full_seconds = train_flops(size, work.tokens_per_utterance, gradient_checkpointing) / (
         instance.dense_tflops * 1e12 * cost.utilisation
     )
-    lora_precision = choose_precision("auto", Device("cuda", instance.gpu_memory_gib, instance.bf16)).precision
+    capability = (8, 0) if instance.bf16 else (7, 5)  # what the precision choice reads of a card: bf16 or not
+    lora_precision = choose_precision("auto", Device("cuda", instance.gpu_memory_gib, capability)).precision
     full_precision = "bf16" if instance.bf16 else "fp16"
     lora_seconds = full_seconds * lora_over_full_step * (cost.int8_slowdown if lora_precision == "int8" else 1.0)
     rows = []

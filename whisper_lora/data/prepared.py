@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import ray.data  # noqa: F401  (registers Ray's tensor extension type, so input_features read as tensors)
 
@@ -46,11 +47,17 @@ def iter_batches(path: str | Path, batch_size: int, limit: int | None = None) ->
     ids = dataset.to_table(columns=["id"]).column("id").to_pylist()
     order = sorted(range(len(ids)), key=ids.__getitem__)[:limit]
     for start in range(0, len(order), batch_size):
-        table = dataset.take(order[start : start + batch_size], columns=[*COLUMNS, feature])
-        yield {
-            "id": np.asarray(table.column("id").to_pylist()),
-            "sentence": np.asarray(table.column("sentence").to_pylist()),
-            "duration_s": table.column("duration_s").to_numpy(),
-            "label_ids": [np.asarray(ids, dtype=np.int64) for ids in table.column("label_ids").to_pylist()],
-            feature: table.column(feature).combine_chunks().to_numpy(),
-        }
+        yield rows_of(dataset.take(order[start : start + batch_size], columns=[*COLUMNS, feature]), feature)
+
+
+def rows_of(table: pa.Table, feature: str) -> dict[str, np.ndarray]:
+    """A table of split rows as the columns ``collate`` takes (the ones ``table`` has: ``sentence`` is optional)."""
+    rows = {
+        "id": np.asarray(table.column("id").to_pylist()),
+        "duration_s": table.column("duration_s").to_numpy(),
+        "label_ids": [np.asarray(ids, dtype=np.int64) for ids in table.column("label_ids").to_pylist()],
+        feature: table.column(feature).combine_chunks().to_numpy(),
+    }
+    if "sentence" in table.column_names:
+        rows["sentence"] = np.asarray(table.column("sentence").to_pylist())
+    return rows

@@ -9,6 +9,12 @@ Rows are untrusted. A row's audio must lie under its source's folder (``AudioFol
 ``/etc/shadow`` or ``../../x`` has any readable file decoded, and the drop counts tell whether it exists. Such
 rows, and rows that cannot be parsed, go on with ``drop_reason`` set (``outside_source``, ``bad_row``), so the
 feature stage counts them with every other dropped row.
+
+Datasets spell languages their own way: Common Voice by code (``mr``), IndicVoices and Kathbath by name
+(``marathi``), FLEURS by config (``mr_in``) in paths and by name (``Marathi``) in rows. ``{lang}`` in a path is
+spelled as ``source.language_names`` and ``source.language_map`` say; a language column is resolved through every
+known spelling. A row whose language resolves to nothing is kept as ``unknown_language`` (a wrong map shows up in
+``stats.json`` instead of as a smaller corpus); rows of known languages the run did not ask for are not its rows.
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray.data
 
-from whisper_lora.config import DataConfig
+from whisper_lora.config import DataConfig, SourceConfig
+from whisper_lora.languages import language_lookup, spelling
 from whisper_lora.storage import Location, StorageOptions, expand, is_remote, open_location
 
 ROW_SCHEMA = pa.schema(
@@ -45,7 +51,8 @@ ROW_SCHEMA = pa.schema(
 TEXT_COLUMNS = ("sentence", "text", "transcription")
 LANGUAGE_COLUMNS = ("language", "locale")
 UNKNOWN_LANGUAGE = "unknown"
-"""Where a manifest line that is not a JSON object is counted when the path has no ``{lang}`` to tell."""
+"""Where rows are counted whose language is not known: a manifest line that is not a JSON object when the path
+has no ``{lang}`` to tell, a row whose language column matches no language (``unknown_language``)."""
 MAX_TSV_BLOCK = 2**31 - 1
 """pyarrow's largest parse block. A TSV is parsed as one block up to this size, so no row is too long."""
 
@@ -102,6 +109,26 @@ def _normalized_uri(uri: str) -> str:
     return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
 
 
+def _language_paths(pattern: str, source: SourceConfig, languages: list[str], split: str) -> Iterator[tuple]:
+    """(language, path) for each configured language when ``pattern`` has ``{lang}`` (spelled as the source
+    spells it), else once with language None: the rows then say their language."""
+    for language in languages if "{lang}" in pattern else [None]:
+        try:
+            spelled = spelling(language, source.language_names, source.language_map) if language else ""
+        except ValueError as exc:
+            raise SourceError(str(exc)) from None
+        yield language, pattern.replace("{split}", split).replace("{lang}", spelled)
+
+
+def row_language(value: object, lookup: dict[str, str], languages: list[str]) -> tuple[str, str | None] | None:
+    """(language, drop reason) of a row whose language column says ``value``: a configured language, or
+    ``unknown`` with ``unknown_language`` when no spelling matches; None for another known language's row."""
+    code = lookup.get(str(value).strip().casefold()) if value is not None else None
+    if code is None:
+        return UNKNOWN_LANGUAGE, "unknown_language"
+    return (code, None) if code in languages else None
+
+
 def _table(rows: dict[str, list], n: int) -> pa.Table:
     return pa.table({name: rows.get(name, [None] * n) for name in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
 
@@ -111,10 +138,12 @@ def _bad_row(row_id: str, language: str, split: str) -> dict[str, str]:
     return {"id": row_id, "language": language, "split": split, "drop_reason": "bad_row"}
 
 
-def _common_voice_split(root: Location, language: str, split: str, limit: int | None, allow_outside: bool) -> pa.Table:
-    """Rows of ``<root>/<language>/<split>.tsv``; a row with the wrong number of columns is a ``bad_row``
-    (counted whatever ``limit``)."""
-    tsv = root.join(language, f"{split}.tsv")
+def _common_voice_split(
+    root: Location, language: str, directory: str, split: str, limit: int | None, allow_outside: bool
+) -> pa.Table:
+    """Rows of ``<root>/<directory>/<split>.tsv`` (``directory``: the language as the release spells it); a row
+    with the wrong number of columns is a ``bad_row`` (counted whatever ``limit``)."""
+    tsv = root.join(directory, f"{split}.tsv")
     if not tsv.is_file():
         raise SourceError(f"Common Voice split file not found: {tsv.uri}")
     bad_lines: list[int | None] = []
@@ -141,7 +170,7 @@ def _common_voice_split(root: Location, language: str, split: str, limit: int | 
     if limit is not None:
         table = table.slice(0, limit)
     names = table.column("path").to_pylist()
-    folder = AudioFolder(root.join(language, "clips"), allow_outside)
+    folder = AudioFolder(root.join(directory, "clips"), allow_outside)
     audio = [folder.audio(name) for name in names]
     n = len(names)
     rows = _table(
@@ -169,18 +198,20 @@ def _json_object(line: bytes) -> dict | None:
 
 
 def _manifest_split(
-    pattern: str, languages: list[str], split: str, limit: int | None, storage: StorageOptions, allow_outside: bool
+    source: SourceConfig, languages: list[str], split: str, limit: int | None, storage: StorageOptions
 ) -> Iterator[pa.Table]:
-    """Rows of NeMo manifests. A line that is not a JSON object with a string ``audio_filepath`` and ``text``
-    is a ``bad_row`` (counted whatever ``limit``), never an error for the whole file."""
-    for language in languages if "{lang}" in pattern else [None]:
-        path = pattern.replace("{split}", split).replace("{lang}", language or "")
+    """Rows of NeMo manifests. A line that is not a JSON object with a string ``audio_filepath`` and text is a
+    ``bad_row`` (counted whatever ``limit``), never an error for the whole file."""
+    text_key = source.text_column or "text"
+    language_keys = [source.language_column] if source.language_column else ["language", "lang"]
+    lookup = language_lookup(source.language_map)
+    for language, path in _language_paths(source.path, source, languages, split):
         files = expand(path, storage)
         if not files:
             raise SourceError(f"no manifest matches {path}")
         rows, bad = [], []
         for file in files:
-            folder = AudioFolder(file.parent, allow_outside)
+            folder = AudioFolder(file.parent, source.allow_outside_paths)
             for number, line in enumerate(file.read_bytes().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -189,15 +220,19 @@ def _manifest_split(
                 if entry is None:
                     bad.append(_bad_row(row_id, language or UNKNOWN_LANGUAGE, split))
                     continue
-                row_language = language or entry.get("language") or entry.get("lang")
-                if row_language not in languages:
-                    continue
-                text, reference = entry.get("text", ""), entry.get("audio_filepath")
-                if not isinstance(text, str) or not isinstance(reference, str) or not reference:
-                    bad.append(_bad_row(row_id, row_language, split))
-                    continue
-                fields = {"id": row_id, "language": row_language, "split": split, "sentence": text}
-                rows.append(fields | folder.audio(reference))
+                found = (language, None)
+                if language is None:
+                    found = row_language(next((entry[k] for k in language_keys if k in entry), None), lookup, languages)
+                    if found is None:
+                        continue
+                text, reference = entry.get(text_key, ""), entry.get("audio_filepath")
+                fields = {"id": row_id, "language": found[0], "split": split, "sentence": text}
+                if found[1]:
+                    bad.append(fields | {"sentence": None, "drop_reason": found[1]})
+                elif not isinstance(text, str) or not isinstance(reference, str) or not reference:
+                    bad.append(_bad_row(row_id, found[0], split))
+                else:
+                    rows.append(fields | folder.audio(reference))
         yield pa.Table.from_pylist([*rows[:limit], *bad], schema=ROW_SCHEMA)
 
 
@@ -208,81 +243,184 @@ def _rows_to_dataset(tables: list[pa.Table], block_rows: int) -> ray.data.Datase
     return ray.data.from_arrow(blocks)
 
 
-def _parquet_columns(file: Location) -> list[str]:
-    with file.open() as handle:
-        return pq.read_schema(handle).names
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a Parquet or Arrow source hold the text and the language (None: ``{lang}`` in the path
+    says it), and the names of a ``ClassLabel`` language column's integer values."""
+
+    text: str
+    language: str | None
+    label_names: tuple[str, ...] = ()
+
+    @property
+    def wanted(self) -> list[str]:
+        return ["audio", self.text, *([self.language] if self.language else [])]
 
 
-def _normalize_parquet_batch(
-    batch: dict[str, np.ndarray],
+def _columns(source: SourceConfig, present: list[str], language_known: bool, file: Location) -> Columns:
+    """The configured (or first conventional) text and language columns, checked against ``present``."""
+    text = source.text_column or next((name for name in TEXT_COLUMNS if name in present), None)
+    language = source.language_column or next((name for name in LANGUAGE_COLUMNS if name in present), None)
+    if language_known:
+        language = None
+    if "audio" not in present or text is None or text not in present:
+        wanted = repr(text) if source.text_column else f"one of {TEXT_COLUMNS}"
+        raise SourceError(f"{file.uri}: needs an 'audio' column and {wanted} (data.source.text_column); has {present}")
+    if not language_known and (language is None or language not in present):
+        raise SourceError(f"{file.uri}: no language column ({language or LANGUAGE_COLUMNS}); set "
+                          f"data.source.language_column or put '{{lang}}' in the path; has {present}")  # fmt: skip
+    return Columns(text, language)
+
+
+def _normalize_rows(
+    audio_items: list,
+    texts: list,
+    row_languages: list | None,
+    files: list[str],
+    *,
     language: str | None,
     languages: list[str],
+    language_map: dict[str, str],
+    label_names: tuple[str, ...],
     split: str,
     root: Location,
     allow_outside: bool,
 ) -> pa.Table:
-    """Rows of the common schema; ``root``: a location on the files' filesystem (their paths are relative to it).
-    An ``audio.path`` is read only when there are no ``audio.bytes``, and only under its Parquet file's folder;
-    a row with neither is a ``bad_row``."""
-    text_column = next(name for name in TEXT_COLUMNS if name in batch)
-    language_column = next((name for name in LANGUAGE_COLUMNS if name in batch), None)
+    """Rows of the common schema from a Hugging Face audio layout (``audio`` struct of ``bytes``/``path``, text,
+    language); ``files``: each row's data file, a path on ``root``'s filesystem. An ``audio.path`` is read only
+    when there are no ``audio.bytes``, and only under its data file's folder; a row with neither is a
+    ``bad_row``; a language column value that names no language is ``unknown_language``."""
+    lookup = language_lookup(language_map)
     folders: dict[str, AudioFolder] = {}
-    columns: dict[str, list] = {name: [] for name in ("id", "audio_path", "audio_bytes", "drop_reason")}
-    for item, file in zip(batch["audio"], batch["path"], strict=True):
+    columns: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
+    for i, (item, file) in enumerate(zip(audio_items, files, strict=True)):
+        found: tuple[str, str | None] | None = (language, None)
+        if language is None:
+            value = row_languages[i]
+            if label_names and isinstance(value, int | np.integer) and 0 <= value < len(label_names):
+                value = label_names[value]
+            found = row_language(value, lookup, languages)
+            if found is None:
+                continue
         item = item if isinstance(item, dict) else {}
         data, reference = item.get("bytes") or None, item.get("path") or None
-        parquet_file = root.within(str(file))
+        data_file = root.within(str(file))
         if data is not None:
             audio = {"audio_path": None, "drop_reason": None}
         elif isinstance(reference, str):
-            if parquet_file.path not in folders:
-                folders[parquet_file.path] = AudioFolder(parquet_file.parent, allow_outside)
-            audio = folders[parquet_file.path].audio(reference)
+            if data_file.path not in folders:
+                folders[data_file.path] = AudioFolder(data_file.parent, allow_outside)
+            audio = folders[data_file.path].audio(reference)
         else:
             audio = {"audio_path": None, "drop_reason": "bad_row"}
-        columns["id"].append(f"{parquet_file.name}:{reference or hashlib.sha1(data or b'').hexdigest()[:16]}")
-        columns["audio_bytes"].append(data)
-        for name, value in audio.items():
+        row_id = f"{data_file.name}:{reference or hashlib.sha1(data or b'').hexdigest()[:16]}"
+        if found[1]:
+            row_id += f" (language {str(row_languages[i])[:40]!r})"
+        text = texts[i]
+        row = {
+            "id": row_id,
+            "language": found[0],
+            "split": split,
+            "sentence": str(text) if text is not None else "",
+            "audio_bytes": data,
+            "audio_path": audio["audio_path"],
+            "drop_reason": found[1] or audio["drop_reason"],
+        }
+        for name, value in row.items():
             columns[name].append(value)
-    n = len(columns["id"])
-    table = _table(
-        {
-            **columns,
-            "language": [language] * n if language else [str(x) for x in batch[language_column]],
-            "split": [split] * n,
-            "sentence": [str(x) if x is not None else "" for x in batch[text_column]],
-        },
-        n,
-    )
-    return table if language else table.filter(pc.is_in(table["language"], pa.array(languages)))
+    return _table(columns, len(columns["id"]))
+
+
+def _normalize_parquet_batch(batch: dict[str, np.ndarray], columns: Columns, **context) -> pa.Table:
+    """``_normalize_rows`` of one ``read_parquet`` batch (its ``path`` column: each row's file)."""
+    row_languages = list(batch[columns.language]) if columns.language else None
+    return _normalize_rows(list(batch["audio"]), list(batch[columns.text]), row_languages, list(batch["path"]),
+                           label_names=columns.label_names, **context)  # fmt: skip
+
+
+def _read_saved_files(batch: dict[str, np.ndarray], columns: Columns, root: Location, **context) -> Iterator[pa.Table]:
+    """Rows of ``save_to_disk`` Arrow files (Arrow IPC streams), one record batch at a time."""
+    for path in batch["file"]:
+        file = root.within(str(path))
+        with file.open() as handle:
+            for record_batch in pa.ipc.open_stream(handle):
+                data = record_batch.select(columns.wanted).to_pydict()
+                yield _normalize_rows(
+                    data["audio"],
+                    data[columns.text],
+                    data[columns.language] if columns.language else None,
+                    [file.path] * record_batch.num_rows,
+                    label_names=columns.label_names,
+                    root=root,
+                    **context,
+                )
+
+
+def _context(source: SourceConfig, language: str | None, languages: list[str], split: str) -> dict:
+    return {
+        "language": language,
+        "languages": languages,
+        "language_map": dict(source.language_map),
+        "split": split,
+        "allow_outside": source.allow_outside_paths,
+    }
 
 
 def _parquet_split(
-    pattern: str, languages: list[str], split: str, limit: int | None, storage: StorageOptions, allow_outside: bool
+    source: SourceConfig, languages: list[str], split: str, limit: int | None, storage: StorageOptions
 ) -> Iterator[ray.data.Dataset]:
-    for language in languages if "{lang}" in pattern else [None]:
-        path = pattern.replace("{split}", split).replace("{lang}", language or "")
+    for language, path in _language_paths(source.path, source, languages, split):
         files = expand(path, storage)
         if not files:
             raise SourceError(f"no Parquet file matches {path}")
-        columns = _parquet_columns(files[0])
-        if "audio" not in columns or not any(name in columns for name in TEXT_COLUMNS):
-            raise SourceError(f"{files[0].uri}: needs an 'audio' column and one of {TEXT_COLUMNS}; has {columns}")
-        if language is None and not any(name in columns for name in LANGUAGE_COLUMNS):
-            raise SourceError(f"{files[0].uri}: no language column {LANGUAGE_COLUMNS}; put '{{lang}}' in the path")
-        wanted = ["audio", *(name for name in (*TEXT_COLUMNS, *LANGUAGE_COLUMNS) if name in columns)]
+        with files[0].open() as handle:
+            columns = _columns(source, pq.read_schema(handle).names, language is not None, files[0])
         dataset = ray.data.read_parquet(
-            [file.path for file in files], filesystem=files[0].fs, columns=wanted, include_paths=True
+            [file.path for file in files], filesystem=files[0].fs, columns=columns.wanted, include_paths=True
         )
         dataset = dataset.map_batches(
             _normalize_parquet_batch,
-            fn_kwargs={
-                "language": language,
-                "languages": languages,
-                "split": split,
-                "root": files[0],
-                "allow_outside": allow_outside,
-            },
+            fn_kwargs={"columns": columns, "root": files[0], **_context(source, language, languages, split)},
+            batch_format="numpy",
+        )
+        yield dataset.limit(limit) if limit is not None else dataset
+
+
+def _saved_split_dir(location: Location, split: str, split_in_path: bool) -> Location:
+    """The directory of one split of a ``save_to_disk`` directory: a DatasetDict's ``<split>/`` subdirectory, or
+    the directory itself when the path already names the split."""
+    splits = location.join("dataset_dict.json").read_json()
+    if splits is not None:
+        if split not in splits.get("splits", []):
+            raise SourceError(f"{location.uri}: no split {split!r} in this DatasetDict; it has {splits.get('splits')}")
+        return location.join(split)
+    if not split_in_path:
+        raise SourceError(f"{location.uri}: a single Dataset (no dataset_dict.json): put '{{split}}' in the path")
+    return location
+
+
+def _saved_split(
+    source: SourceConfig, languages: list[str], split: str, limit: int | None, storage: StorageOptions
+) -> Iterator[ray.data.Dataset]:
+    """Rows of a ``datasets.save_to_disk`` directory: its ``state.json`` lists the Arrow files,
+    ``dataset_info.json`` the names of a ``ClassLabel`` language column."""
+    for language, path in _language_paths(source.path, source, languages, split):
+        directory = _saved_split_dir(open_location(path, storage), split, "{split}" in source.path)
+        state = directory.join("state.json").read_json()
+        if not isinstance(state, dict) or not state.get("_data_files"):
+            raise SourceError(f"{directory.uri}: not a datasets save_to_disk directory (no state.json data files)")
+        files = [directory.join(entry["filename"]) for entry in state["_data_files"]]
+        with files[0].open() as handle:
+            present = pa.ipc.open_stream(handle).schema.names
+        columns = _columns(source, present, language is not None, files[0])
+        features = (directory.join("dataset_info.json").read_json() or {}).get("features", {})
+        feature = features.get(columns.language, {}) if columns.language else {}
+        if feature.get("_type") == "ClassLabel":
+            columns = Columns(columns.text, columns.language, tuple(feature.get("names", ())))
+        dataset = ray.data.from_items([{"file": file.path} for file in files]).map_batches(
+            _read_saved_files,
+            batch_size=1,
+            fn_kwargs={"columns": columns, "root": directory, **_context(source, language, languages, split)},
             batch_format="numpy",
         )
         yield dataset.limit(limit) if limit is not None else dataset
@@ -290,25 +428,22 @@ def _parquet_split(
 
 def read_source(data: DataConfig, splits: list[str], storage: StorageOptions | None = None) -> ray.data.Dataset:
     """All rows of ``splits`` for the configured languages, one lazily-read dataset; files are opened through
-    ``storage`` (a local or NFS path, ``s3://``, or any other location ``whisper_lora.storage`` opens)."""
+    ``storage`` (a local or NFS path, ``s3://``, ``hf://``, or any other location ``whisper_lora.storage`` opens)."""
     source, limit, storage = data.source, data.limit_per_split, storage or StorageOptions()
-    outside = source.allow_outside_paths
     if source.kind == "common_voice":
         root = open_location(source.path, storage)
-        tables = [_common_voice_split(root, lang, split, limit, outside) for lang in data.languages for split in splits]
-        return _rows_to_dataset(tables, data.batch_size)
-    if "{split}" not in source.path:
-        raise SourceError(f"source.path {source.path!r} needs a '{{split}}' placeholder for kind {source.kind}")
-    if source.kind == "manifest":
         tables = [
-            table
+            _common_voice_split(root, lang, directory, split, limit, source.allow_outside_paths)
+            for lang in data.languages
             for split in splits
-            for table in _manifest_split(source.path, data.languages, split, limit, storage, outside)
+            for _, directory in _language_paths("{lang}", source, [lang], split)
         ]
         return _rows_to_dataset(tables, data.batch_size)
-    datasets = [
-        dataset
-        for split in splits
-        for dataset in _parquet_split(source.path, data.languages, split, limit, storage, outside)
-    ]
+    if "{split}" not in source.path and source.kind != "save_to_disk":
+        raise SourceError(f"source.path {source.path!r} needs a '{{split}}' placeholder for kind {source.kind}")
+    if source.kind == "manifest":
+        tables = [table for split in splits for table in _manifest_split(source, data.languages, split, limit, storage)]
+        return _rows_to_dataset(tables, data.batch_size)
+    read = _saved_split if source.kind == "save_to_disk" else _parquet_split
+    datasets = [dataset for split in splits for dataset in read(source, data.languages, split, limit, storage)]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

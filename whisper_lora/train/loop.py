@@ -1,17 +1,17 @@
 """The Ray Train worker: one plain loop, run by ``TorchTrainer`` on every worker.
 
-Resuming is exact: a checkpoint records the optimizer step and how many micro-batches of the current epoch
-were consumed, and a restarted worker group skips those before it trains again. The run always ends after
-``max_steps`` optimizer steps, however often it restarts.
+Resuming is exact: every epoch's row order is a function of the seed and the epoch (``data.epochs``), a checkpoint
+records the optimizer step, how many micro-batches of the current epoch were consumed and every worker's random
+generators, and a restarted worker group skips those micro-batches and draws the same dropout masks. The run always
+ends after ``max_steps`` optimizer steps, however often it restarts.
 
 The step and everything it needs live in ``train.step`` and work without Ray; this module adds what Ray brings:
-the worker group's device and DDP, its data shard read an epoch at a time (``epoch_groups``), checkpoints handed
-to Ray, preemption notices, and the reports.
+the worker group's device and DDP, reports (training metrics every ``train.log_every_steps`` steps, evaluations
+with a checkpoint), checkpoints handed to Ray and preemption notices.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import resource
@@ -25,11 +25,12 @@ from typing import TypeVar
 import ray.train
 import ray.train.torch
 import torch
-from ray.data import DataIterator
 
+from whisper_lora.data.epochs import EpochReader, worker_batches
 from whisper_lora.evaluate import score_split
 from whisper_lora.metrics import PRIMARY
-from whisper_lora.train.checkpoint import save_checkpoint, unwrap
+from whisper_lora.storage import open_location
+from whisper_lora.train.checkpoint import save_checkpoint, save_rng_states, unwrap
 from whisper_lora.train.step import (
     Progress,
     Rows,
@@ -43,7 +44,6 @@ from whisper_lora.train.step import (
 )
 
 log = logging.getLogger(__name__)
-LOG_EVERY_STEPS = 10
 T = TypeVar("T")
 
 
@@ -68,31 +68,28 @@ def _timed(items: Iterable[T]) -> Iterator[tuple[T, float]]:
         yield item, time.perf_counter() - asked
 
 
-def epoch_groups(shard: DataIterator, plan: WorkerPlan, rank: int, skip: int = 0) -> Iterator[tuple[list[Rows], float]]:
-    """One epoch of this worker's shard as optimizer steps: groups of ``train.grad_accum`` micro-batches, each with
-    the seconds the loop waited for them. At most ``micro_batches_per_epoch`` micro-batches are read; the first
-    ``skip`` (trained on before a restart) are read and left out, and so is a last group the shard cannot fill.
-    A shard that cannot fill one group from the start raises: the loop would otherwise start epoch after epoch
-    without a step (after a restart, nothing left past ``skip`` is just the end of that epoch)."""
+def train_reader(plan: WorkerPlan) -> EpochReader:
+    """This worker's reader of the train split."""
+    return EpochReader(open_location(plan.train_dir, plan.storage), plan.train.data_cache_mib * 2**20)
+
+
+def epoch_groups(
+    reader: EpochReader, plan: WorkerPlan, rank: int, world: int, epoch: int, skip: int = 0
+) -> Iterator[tuple[list[Rows], float]]:
+    """Epoch ``epoch`` of this worker's rows as optimizer steps: groups of ``train.grad_accum`` micro-batches, each
+    with the seconds the loop waited for them. The first ``skip`` micro-batches (trained on before a restart) are
+    left out unread."""
     train = plan.train
-    batches = shard.iter_batches(batch_size=train.batch_size, drop_last=True)
+    order = reader.order(train.seed, epoch, train.shuffle_window)
+    indices = worker_batches(order, rank, world, train.batch_size, plan.micro_batches_per_epoch)
     group: list[Rows] = []
-    waited, read, steps = 0.0, 0, 0
-    for rows, seconds in _timed(itertools.islice(batches, plan.micro_batches_per_epoch)):
-        read += 1
-        if read <= skip:
-            continue
+    waited = 0.0
+    for rows, seconds in _timed(reader.batches(indices, skip)):
         group.append(rows)
         waited += seconds
         if len(group) == train.grad_accum:
-            steps += 1
             yield group, waited
             group, waited = [], 0.0
-    if not steps and not skip:
-        raise RuntimeError(
-            f"rank {rank}: the train shard yielded {read} batch(es) of {train.batch_size} (after skipping {skip}): "
-            f"not one optimizer step of {train.grad_accum}"
-        )
 
 
 def resume(worker: Worker) -> Progress:
@@ -114,21 +111,25 @@ def train_loop_per_worker(config: dict) -> None:
     logging.getLogger("whisper_lora").setLevel(logging.INFO)  # Ray's worker handlers take INFO; the root is WARNING
     worker = _ray_worker(plan)
     progress = resume(worker)
-    shard = ray.train.get_dataset_shard("train")
+    reader = train_reader(plan)
     since_report: list[StepResult] = []
+    since_log = _Window()
     clock = time.perf_counter()
     saved_for_preemption = False
     while progress.step < plan.train.max_steps:
-        for micro_batches, waited in epoch_groups(shard, plan, worker.rank, progress.batches_done):
+        for micro_batches, waited in epoch_groups(
+            reader, plan, worker.rank, worker.world, progress.epoch, progress.batches_done
+        ):
             result = train_step(worker, micro_batches)
             since_report.append(result)
             progress.count(micro_batches, waited, worker.world)
-            if worker.rank == 0 and progress.step % LOG_EVERY_STEPS == 0:
-                log.info("step %d/%d loss %.4f grad norm %.3f lr %.2e", progress.step, plan.train.max_steps,
-                         result.loss, result.grad_norm, worker.scheduler.get_last_lr()[0])  # fmt: skip
-            epoch_end = progress.batches_done + plan.train.grad_accum > plan.micro_batches_per_epoch  # no step left
+            since_log.add(result, micro_batches, waited, worker.world)
+            epoch_end = progress.batches_done >= plan.micro_batches_per_epoch
             if epoch_end:
                 progress.next_epoch()
+            if progress.step % plan.train.log_every_steps == 0:
+                _report_training(worker, progress, since_log)
+                since_log = _Window()
             evaluating = should_evaluate(plan.train, progress.step, epoch_end)
             # a collective: every rank asks after the same steps (those not followed by an evaluation)
             preempted = not evaluating and ray.train.get_preemption_info() is not None
@@ -139,8 +140,41 @@ def train_loop_per_worker(config: dict) -> None:
                 since_report, clock = [], time.perf_counter()
             if epoch_end or progress.step >= plan.train.max_steps:
                 break
-        else:
-            progress.next_epoch()  # the shard ran out before the planned micro-batches
+
+
+class _Window:
+    """What happened since the last training report."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepResult] = []
+        self.samples = 0
+        self.waited = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, result: StepResult, micro_batches: list[Rows], waited: float, world: int) -> None:
+        self.steps.append(result)
+        self.samples += sum(len(rows["id"]) for rows in micro_batches) * world
+        self.waited += waited
+
+
+def _report_training(worker: Worker, progress: Progress, window: _Window) -> None:
+    """The training curve: a report without checkpoint and without the primary metric (selection, keep-the-best
+    and early stopping only see evaluations), from every rank (a report is a collective)."""
+    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    metrics = {
+        "report_kind": "train",
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "loss": statistics.fmean(step.loss for step in window.steps),
+        "learning_rate": worker.scheduler.get_last_lr()[0],
+        "grad_norm": statistics.fmean(step.grad_norm for step in window.steps),
+        "samples_per_second": window.samples / elapsed,
+        "data_wait_seconds": window.waited,
+    }
+    if worker.rank == 0:
+        log.info("step %d/%d loss %.4f grad norm %.3f lr %.2e", progress.step, worker.plan.train.max_steps,
+                 metrics["loss"], metrics["grad_norm"], metrics["learning_rate"])  # fmt: skip
+    ray.train.report(metrics)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -153,9 +187,17 @@ def _evaluate_on_rank0(worker: Worker) -> dict:
     """Score on the whole eval split, read straight from the prepared Parquet (small; no Ray Data round)."""
     plan, inner = worker.plan, unwrap(worker.model)
     inner.config.use_cache = True
-    scores = score_split(
-        inner, worker.tokenizer, plan.eval_dir, plan.language, plan.eval.batch_size, plan.eval.max_utterances, 3
-    )
+    with torch.random.fork_rng(devices=[worker.device] if worker.device.type == "cuda" else []):
+        scores = score_split(
+            inner,
+            worker.tokenizer,
+            plan.eval_dir,
+            plan.language,
+            plan.eval.batch_size,
+            plan.eval.max_utterances,
+            3,
+            plan.eval.normalizer,
+        )  # in a forked generator: an evaluation leaves the dropout stream as it found it
     inner.config.use_cache = False
     worker.model.train()
     return scores
@@ -168,6 +210,7 @@ def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluat
     ``data_wait_seconds`` how long batches kept the loop waiting."""
     train_seconds = max(progress.train_seconds, 1e-9)
     metrics = {
+        "report_kind": "evaluation" if evaluating else "preemption",
         "step": progress.step,
         "epoch": progress.epoch,
         "loss": statistics.fmean(step.loss for step in steps),
@@ -182,11 +225,11 @@ def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluat
         **worker.facts,
     }
     if worker.rank != 0:
-        ray.train.report(metrics)
+        _checkpoint(worker, progress, metrics)
         return
     if evaluating:
         scores = _evaluate_on_rank0(worker)
-        worker.scores = {key: scores[key] for key in ("wer", "cer", "raw_wer", PRIMARY, "utterances")}
+        worker.scores = {key: scores[key] for key in ("wer", "cer", "raw_wer", PRIMARY, "utterances", "normalizer")}
         worker.scores["eval_seconds"] = scores["seconds"]
     else:
         log.warning("node preemption announced: checkpointing at step %d before it goes", progress.step)
@@ -197,6 +240,11 @@ def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluat
 
 
 def _checkpoint(worker: Worker, progress: Progress, metrics: dict) -> None:
+    """Every rank hands Ray its generator states; rank 0 also the adapter (or weights), optimizer and position."""
     with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, worker.scaler, asdict(progress))
+        save_rng_states(directory, worker.rank)
+        if worker.rank == 0:
+            save_checkpoint(
+                directory, worker.model, worker.optimizer, worker.scheduler, worker.scaler, asdict(progress)
+            )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

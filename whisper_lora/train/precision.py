@@ -3,8 +3,9 @@
 - CPU: fp32. bitsandbytes' int8 runs there (the tests use it) but is slower and larger than fp32
   (whisper-base LoRA: 5.8-11 s/step and 3.4 GiB vs 3.5 s and 2.2 GiB), and fp16 autocast is not a CPU path.
 - GPU under ``INT8_BELOW_GIB`` of memory: int8 weights (bitsandbytes) make large-v2 LoRA fit a 16 GiB card.
-- Larger GPU: bf16 where the card supports it (int8 matmuls are several times slower), else fp16 with
-  loss scaling.
+- Larger GPU: bf16 where the card computes it natively (compute capability 8.0 and up: A100, A10G, L4, H100;
+  int8 matmuls are several times slower), else fp16 with loss scaling. ``torch.cuda.is_bf16_supported()`` is no
+  guide: it counts emulation, so a T4 or V100 answers yes and would train bf16 at a fraction of fp16's speed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ Precision = Literal["int8", "bf16", "fp16", "fp32"]
 Requested = Literal["auto", "int8", "bf16", "fp16", "fp32"]
 INT8_BELOW_GIB = 20.0
 """16-GiB-class cards (T4, V100-16) need int8 for large-v2 LoRA; 24 GiB (A10G, L4) fits bf16 with checkpointing."""
+BF16_FROM_CAPABILITY = (8, 0)
+"""Ampere and later compute bf16 in their tensor cores; Volta (7.0) and Turing (7.5) do not."""
 
 
 @dataclass(frozen=True)
@@ -26,16 +29,21 @@ class Device:
 
     kind: Literal["cpu", "cuda"]
     memory_gib: float = 0.0
-    bf16: bool = False
+    capability: tuple[int, int] = (0, 0)
+    """CUDA compute capability (major, minor)."""
+
+    @property
+    def bf16(self) -> bool:
+        """Native bf16 compute (not emulated)."""
+        return self.kind == "cuda" and self.capability >= BF16_FROM_CAPABILITY
 
     @classmethod
     def current(cls) -> Device:
         """This process's device: the CUDA device Ray Train assigned it, else the CPU."""
         if not torch.cuda.is_available():
             return cls("cpu")
-        index = torch.cuda.current_device()
-        memory = torch.cuda.get_device_properties(index).total_memory / 2**30
-        return cls("cuda", memory, torch.cuda.is_bf16_supported())
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return cls("cuda", properties.total_memory / 2**30, (properties.major, properties.minor))
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,10 @@ def choose_precision(requested: Requested, device: Device) -> PrecisionChoice:
         if device.kind == "cpu" and requested in ("fp16", "bf16"):
             raise ValueError(f"precision {requested} needs a GPU; on CPU use fp32 (or int8 to test the int8 path)")
         if requested == "bf16" and not device.bf16:
-            raise ValueError("this GPU has no bf16 support: use fp16 or int8")
+            raise ValueError(
+                f"this GPU (compute capability {device.capability[0]}.{device.capability[1]}) has no native bf16 "
+                "(it needs 8.0, Ampere or later): use fp16 or int8"
+            )
         return PrecisionChoice(requested, f"requested {requested}")
     if device.kind == "cpu":
         return PrecisionChoice("fp32", "CPU: int8 (bitsandbytes) is slower and larger than fp32 there")
@@ -78,4 +89,9 @@ def choose_precision(requested: Requested, device: Device) -> PrecisionChoice:
         return PrecisionChoice(
             "bf16", f"GPU with {device.memory_gib:.0f} GiB and bf16: fastest (int8 matmuls are slower)"
         )
-    return PrecisionChoice("fp16", f"GPU with {device.memory_gib:.0f} GiB, no bf16: fp16 with loss scaling")
+    major, minor = device.capability
+    return PrecisionChoice(
+        "fp16",
+        f"GPU with {device.memory_gib:.0f} GiB, compute capability {major}.{minor} (no native bf16): fp16 "
+        "with loss scaling",
+    )

@@ -22,7 +22,8 @@ from transformers import WhisperTokenizer, get_linear_schedule_with_warmup
 
 from whisper_lora.config import EvalConfig, TrainConfig
 from whisper_lora.data.collate import collate, model_inputs
-from whisper_lora.train.checkpoint import load_checkpoint
+from whisper_lora.storage import StorageOptions
+from whisper_lora.train.checkpoint import load_checkpoint, load_rng_states
 from whisper_lora.train.model import count_parameters, load_for_training
 from whisper_lora.train.precision import Device, PrecisionChoice, choose_precision
 
@@ -45,8 +46,12 @@ class WorkerPlan(BaseModel):
     micro_batches_per_epoch: int
     """Micro-batches each worker takes from its shard per epoch: equal on every worker, so DDP never waits; a
     multiple of ``train.grad_accum``."""
+    train_dir: str
+    """Prepared (or encoded) train split: a path every worker can read (local, NFS or s3://)."""
     eval_dir: str
-    """Prepared eval split (a path every worker can read: local, NFS or s3://)."""
+    """Prepared eval split, likewise."""
+    storage: StorageOptions = StorageOptions()
+    """How ``train_dir`` and ``eval_dir`` are reached when remote."""
 
 
 @dataclass
@@ -118,7 +123,8 @@ class Worker:
 
 def build_worker(plan: WorkerPlan, device: torch.device, rank: int = 0, world: int = 1) -> Worker:
     """The model (in train mode), optimizer and schedule of ``plan`` on ``device``, seeded by ``train.seed``: what
-    every Train worker builds, and what tests and benchmarks build without Ray."""
+    every Train worker builds, and what tests and benchmarks build without Ray. New adapter weights are the same on
+    every rank; the dropout stream after them is the rank's own (``seed``, ``rank``)."""
     train = plan.train
     torch.manual_seed(train.seed)
     if train.torch_threads:
@@ -130,6 +136,7 @@ def build_worker(plan: WorkerPlan, device: torch.device, rank: int = 0, world: i
         plan.base_path, choice, device, train.mode, train.lora, train.gradient_checkpointing, train.freeze_encoder
     )
     model.train()  # from_pretrained leaves eval mode: no dropout, and transformers then skips checkpointing
+    torch.manual_seed(int(np.random.SeedSequence([train.seed, rank]).generate_state(1)[0]))
     parameters = count_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -158,15 +165,17 @@ def build_worker(plan: WorkerPlan, device: torch.device, rank: int = 0, world: i
 
 def train_step(worker: Worker, micro_batches: Sequence[Rows]) -> StepResult:
     """One optimizer step over ``micro_batches`` (``train.grad_accum`` of them in the loop): each one's loss is
-    divided by their number, so the step follows their mean gradient; then clipping, the optimizer, the schedule.
+    divided by their number, so the step follows their mean gradient (under DDP reduced across workers once, after
+    the last micro-batch); then clipping, the optimizer, the schedule.
     A loss that is not finite raises ``FloatingPointError``: the run diverged, and every later step would be NaN."""
     train = worker.plan.train
     started = time.perf_counter()
     losses = []
-    for rows in micro_batches:
-        with worker.autocast():
-            loss = worker.model(**model_inputs(collate(rows), worker.device)).loss
-        worker.scaler.scale(loss / len(micro_batches)).backward()
+    for index, rows in enumerate(micro_batches):
+        with _reduced_if(worker.model, index == len(micro_batches) - 1):
+            with worker.autocast():
+                loss = worker.model(**model_inputs(collate(rows), worker.device)).loss
+            worker.scaler.scale(loss / len(micro_batches)).backward()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             step = worker.scheduler.last_epoch + 1  # the schedule counts optimizer steps
@@ -183,6 +192,13 @@ def train_step(worker: Worker, micro_batches: Sequence[Rows]) -> StepResult:
     return StepResult(statistics.fmean(losses), grad_norm.item(), time.perf_counter() - started)
 
 
+def _reduced_if(model: torch.nn.Module, last: bool) -> AbstractContextManager:
+    """DDP all-reduces gradients in every backward; accumulating micro-batches only need it after the last one."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return nullcontext()
+
+
 def should_evaluate(train: TrainConfig, step: int, epoch_end: bool) -> bool:
     """Whether optimizer step ``step`` is followed by an evaluation (and a checkpoint): every
     ``eval_every_steps``, at epoch ends with ``eval_each_epoch``, and after the last step."""
@@ -191,6 +207,8 @@ def should_evaluate(train: TrainConfig, step: int, epoch_end: bool) -> bool:
 
 
 def restore(worker: Worker, directory: str) -> Progress:
-    """Load a checkpoint written by ``Worker.checkpoint`` into ``worker``; returns where it stood."""
+    """Load a checkpoint written by ``train.loop`` into ``worker`` (its generators too); returns where it stood."""
     saved = load_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, worker.scaler)
+    if not load_rng_states(directory, worker.rank):
+        log.warning("rank %d: the checkpoint holds no generator state: dropout is not replayed", worker.rank)
     return Progress(**saved)

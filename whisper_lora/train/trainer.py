@@ -1,4 +1,4 @@
-"""Driver side of training: plan the run, hand prepared shards to Ray Train, return where the best adapter is."""
+"""Driver side of training: plan the run, start Ray Train on the prepared splits, return where the best adapter is."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import ray
-import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from whisper_lora.config import JobConfig
@@ -57,7 +55,9 @@ def train_rows(config: JobConfig, language: str) -> int:
     return groups[key]["rows_out"]
 
 
-def worker_plan(config: JobConfig, base_path: str, language: str, rows: int, eval_dir: str) -> WorkerPlan:
+def worker_plan(
+    config: JobConfig, base_path: str, language: str, rows: int, train_dir: str, eval_dir: str
+) -> WorkerPlan:
     """The plan every worker follows; fails early when the data cannot fill one optimizer step per worker."""
     train = config.train
     micro_batches = (rows // train.num_workers) // train.batch_size
@@ -72,7 +72,9 @@ def worker_plan(config: JobConfig, base_path: str, language: str, rows: int, eva
         base_path=base_path,
         language=language,
         micro_batches_per_epoch=micro_batches - micro_batches % train.grad_accum,
+        train_dir=train_dir,
         eval_dir=eval_dir,
+        storage=config.storage,
     )
 
 
@@ -81,27 +83,6 @@ def use_gpu(config: JobConfig) -> bool:
     if config.train.use_gpu is not None:
         return config.train.use_gpu
     return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def arrow_bytes(directory: str) -> int:
-    """Uncompressed size of a prepared split, from its Parquet footers (what it takes in the object store)."""
-    total = 0
-    for path in Path(directory).glob("*.parquet"):
-        metadata = pq.ParquetFile(path).metadata
-        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-    return total
-
-
-def train_dataset(directory: str, config: JobConfig) -> ray.data.Dataset:
-    """The train split: streamed from Parquet, or, when it needs at most ``train.materialize_fraction`` of the
-    object store, read here in one go and held there (epochs then start at once; Ray Data's Parquet reader took
-    12-32 s for a 90 MB encoded split that pyarrow reads in about 1 s)."""
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    size = arrow_bytes(directory)
-    if size <= config.train.materialize_fraction * store:
-        log.info("holding %s (%.1f MiB) in the object store", directory, size / 2**20)
-        return ray.data.from_arrow(pq.read_table(directory))
-    return ray.data.read_parquet(directory)
 
 
 def training_data(config: JobConfig, base: ResolvedModel, languages: list[str], gpu: bool) -> Path:
@@ -114,14 +95,16 @@ def training_data(config: JobConfig, base: ResolvedModel, languages: list[str], 
 
 
 def build_trainer(config: JobConfig, language: str, run_name: str, callbacks: list | None = None) -> TorchTrainer:
-    """A ``TorchTrainer`` for one language and adapter shape, reading the prepared (or encoded) shards.
+    """A ``TorchTrainer`` for one language and adapter shape. Its workers read the prepared (or encoded) train split
+    themselves, in the seeded order of ``data.epochs`` (not through Ray Data: ``streaming_split`` hands out blocks in
+    no fixed order, so a restarted worker could not skip exactly what it had trained on).
     ``callbacks``: Train callbacks, e.g. Tune's ``TuneReportCallback`` when a trial runs it."""
     base = resolve_base_model(config.model.base, config.model.cache_dir)
     gpu = use_gpu(config)
     data = training_data(config, base, [language], gpu)
+    train_dir = str(split_dir(data, language, config.data.train_split))
     eval_dir = str(split_dir(data, language, config.data.eval_split))
-    plan = worker_plan(config, base.path, language, train_rows(config, language), eval_dir)
-    datasets = {"train": train_dataset(str(split_dir(data, language, config.data.train_split)), config)}
+    plan = worker_plan(config, base.path, language, train_rows(config, language), train_dir, eval_dir)
     resources = {"GPU": 1, "CPU": config.train.cpus_per_worker} if gpu else {"CPU": config.train.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
@@ -137,8 +120,8 @@ def build_trainer(config: JobConfig, language: str, run_name: str, callbacks: li
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING"),  # not Ray Train's INFO lines per run on the console
         ),
-        datasets=datasets,
     )
 
 

@@ -53,7 +53,10 @@ def max_concurrent_trials(config: JobConfig, resources: Mapping[str, float], gpu
 
 
 class PerLanguageASHA(FIFOScheduler):
-    """ASHA with one independent scheduler per language (trials are routed by their ``language`` config)."""
+    """ASHA with one independent scheduler per language (trials are routed by their ``language`` config).
+
+    Only evaluations (reports with the primary metric) reach it; training-curve rows pass. It names no metric to
+    Tune (nor does the ``TuneConfig``): Tune's strict check would otherwise refuse every training row."""
 
     def __init__(self, grace_period: int, reduction_factor: int, max_t: int) -> None:
         super().__init__()
@@ -72,8 +75,8 @@ class PerLanguageASHA(FIFOScheduler):
         self._of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get("checkpoint_reason") == "preemption":
-            return self.CONTINUE  # saved in a hurry, not scored: no grounds to stop a trial
+        if METRIC not in result or result.get("checkpoint_reason") == "preemption":
+            return self.CONTINUE  # a training-curve row, or saved in a hurry: not scored, no grounds to stop a trial
         return self._of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:

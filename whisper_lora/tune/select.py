@@ -2,20 +2,34 @@
 smaller rank (fewer parameters, same quality), then the lower learning rate. Within a trial, the best evaluated
 checkpoint that still exists (Ray keeps only ``train.checkpoints_to_keep``), in the order Ray's own keep policy
 uses (``train.checkpoint.checkpoint_order``); checkpoints taken for a preemption carry no score of their own and
-are never selected."""
+are never selected. Training rows (``report_kind: "train"``: loss and learning rate, no checkpoint, no primary
+metric; NaN in Tune's table) only draw the trial's curve, its ``history``."""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from whisper_lora.config import lora_alpha
 from whisper_lora.languages import get_language
-from whisper_lora.manifest import CheckpointScores, EvalSet, Scores, SelectedAdapter, TrialSummary
+from whisper_lora.manifest import (
+    AttachedFile,
+    CheckpointScores,
+    EvalSet,
+    HistoryPoint,
+    Scores,
+    SelectedAdapter,
+    TrialSummary,
+)
 from whisper_lora.metrics import PRIMARY
+from whisper_lora.score import HeldOutScores
 from whisper_lora.train.checkpoint import checkpoint_order
+
+MAX_HISTORY = 200
+"""Points of a trial's curve kept in the manifest: every evaluation first, training rows evenly thinned."""
 
 
 @dataclass
@@ -30,6 +44,8 @@ class TrialOutcome:
     checkpoint: str | None = None
     """That checkpoint's path in the Train storage's filesystem."""
     error: str | None = None
+    history: list[HistoryPoint] = field(default_factory=list)
+    """The trial's curve: training loss and learning rate, and each evaluation's primary metric, by step."""
 
     @property
     def failed(self) -> bool:
@@ -47,23 +63,69 @@ class TrialOutcome:
             failed=self.failed,
             best_step=self.best.step if self.best else None,
             error=self.error,
+            history=self.history,
         )
 
 
-def _scored(report: Mapping[str, Any]) -> bool:
-    primary = report.get(PRIMARY)
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _evaluation(report: Mapping[str, Any]) -> bool:
+    """A report with an evaluation of its own: a finite primary metric, neither a training row nor a preemption
+    checkpoint (which carries the previous evaluation's scores)."""
     return (
-        bool(report.get("checkpoint_path"))
+        _finite(report.get(PRIMARY))
+        and report.get("report_kind") not in ("train", "preemption")
         and report.get("checkpoint_reason") != "preemption"
-        and primary is not None
-        and not math.isnan(primary)
     )
+
+
+def _scored(report: Mapping[str, Any]) -> bool:
+    path = report.get("checkpoint_path")
+    return isinstance(path, str) and bool(path) and _evaluation(report)
 
 
 def best_report(reports: Iterable[dict], exists: Callable[[str], bool] = lambda path: True) -> dict | None:
     """The best evaluated report whose checkpoint still ``exists``."""
     ranked = sorted(filter(_scored, reports), key=checkpoint_order)
     return next((report for report in ranked if exists(report["checkpoint_path"])), None)
+
+
+def _point(report: Mapping[str, Any]) -> HistoryPoint:
+    def number(name: str) -> float | None:
+        return float(report[name]) if _finite(report.get(name)) else None
+
+    return HistoryPoint(
+        step=int(report["step"]),
+        loss=number("loss"),
+        learning_rate=number("learning_rate"),
+        primary=float(report[PRIMARY]) if _evaluation(report) else None,
+    )
+
+
+def _thin(points: list[HistoryPoint], count: int) -> list[HistoryPoint]:
+    """``count`` of ``points`` evenly spaced, first and last included."""
+    if len(points) <= count:
+        return points
+    if count <= 1:
+        return points[-1:] if count == 1 else []
+    return [points[int(i * (len(points) - 1) / (count - 1) + 0.5)] for i in range(count)]
+
+
+def history_of(reports: Iterable[Mapping[str, Any]], limit: int = MAX_HISTORY) -> list[HistoryPoint]:
+    """A trial's curve from its reports, at most ``limit`` points in step order: every evaluation (thinned only
+    when they alone exceed ``limit``), training rows evenly thinned into the rest. A step reported again (a
+    resumed run) counts once, as last reported."""
+    latest: dict[tuple[int, bool], HistoryPoint] = {}
+    for report in reports:
+        if _finite(report.get("step")):
+            point = _point(report)
+            latest[point.step, point.primary is not None] = point
+    ordered = [latest[key] for key in sorted(latest)]
+    evaluations = _thin([p for p in ordered if p.primary is not None], limit)
+    training = _thin([p for p in ordered if p.primary is None], limit - len(evaluations))
+    return sorted(evaluations + training, key=lambda p: (p.step, p.primary is not None))
 
 
 def trial_outcome(
@@ -81,11 +143,10 @@ def trial_outcome(
         rank=params["rank"],
         learning_rate=params["learning_rate"],
         alpha=lora_alpha(params["rank"], params.get("alpha")),
-        best=CheckpointScores(**{name: best[name] for name in CheckpointScores.model_fields if name in best})
-        if best
-        else None,
+        best=CheckpointScores.of(best) if best else None,
         checkpoint=best["checkpoint_path"] if best else None,
         error=error,
+        history=history_of(reports),
     )
 
 
@@ -106,9 +167,16 @@ def _key(outcome: TrialOutcome) -> tuple:
 
 
 def selected_adapter(
-    outcome: TrialOutcome, zero_shot: Scores, eval_split: str, target_modules: list[str] | str, base_sha256: str
+    outcome: TrialOutcome,
+    zero_shot: Scores,
+    eval_split: str,
+    target_modules: list[str] | str,
+    base_sha256: str,
+    test: HeldOutScores | None = None,
+    config: AttachedFile | None = None,
 ) -> SelectedAdapter:
-    """What the manifest will say of a language's winning trial."""
+    """What the manifest will say of a language's winning trial (``test``: its scores on the test split, and its
+    base model's; ``config``: the run config published beside it)."""
     best = outcome.best
     return SelectedAdapter(
         language=outcome.language,
@@ -117,6 +185,7 @@ def selected_adapter(
         wer=best.wer,
         cer=best.cer,
         raw_wer=best.raw_wer,
+        normalizer=best.normalizer,
         zero_shot=zero_shot,
         eval=EvalSet(split=eval_split, utterances=best.utterances),
         rank=outcome.rank,
@@ -126,4 +195,8 @@ def selected_adapter(
         train_steps=best.step,
         trial_id=outcome.trial_id,
         base_sha256=base_sha256,
+        test=test.adapter if test else None,
+        zero_shot_test=test.zero_shot if test else None,
+        test_scoring=test.scoring if test else None,
+        config=config,
     )

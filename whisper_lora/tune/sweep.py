@@ -3,6 +3,13 @@
 A sweep is named by what changes its results (``sweep_name``): the same config resumes the same Tune experiment
 (a restarted driver goes on: finished trials are not trained again, interrupted ones continue from their last
 checkpoint), a changed grid or plan starts a new one.
+
+The identity is every config field except those listed in ``NOT_IDENTITY``, which change how, where or how fast
+the sweep runs and what it logs, never what a trial computes (concurrency, CPUs and threads per worker, retries,
+storage, tracking, ...). The list names exclusions, so a field added to the config counts as changing results
+until someone declares otherwise here. Fields at their default value are left out: adding a field whose default
+keeps today's behaviour renames no sweep (the flip side: changing a default in code, like any code change, does
+not rename one either).
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import ray
 from ray import tune
 
 from whisper_lora.config import JobConfig
+from whisper_lora.console import TrialProgress
 from whisper_lora.ray_runtime import ray_storage
 from whisper_lora.storage import Location
 from whisper_lora.tune.search import max_concurrent_trials, param_space, scheduler
 from whisper_lora.tune.select import TrialOutcome, trial_outcome
+from whisper_lora.tune.tracking import only_listed_loggers, tracking_callbacks
 from whisper_lora.tune.trainable import train_trial
 
 log = logging.getLogger(__name__)
@@ -28,25 +37,76 @@ TRIAL_DRIVER = {"CPU": 0.01}
 machines (they never start); zero is not a valid request."""
 
 
+NOT_IDENTITY: dict[str, str] = {
+    "experiment": "the name's prefix already",
+    "output_dir": "where prepared data and reports are written",
+    "model.cache_dir": "where imported models are kept (keyed by their content)",
+    "data.batch_size": "rows per Ray Data batch in the feature stage",
+    "train.language": "every trial's language comes from the grid (data.languages)",
+    "train.learning_rate": "every trial's comes from tune.learning_rates",
+    "train.lora.rank": "every trial's comes from tune.ranks",
+    "train.lora.alpha": "every trial's comes from tune.alphas (null: 2 × rank)",
+    "train.torch_threads": "compute resources",
+    "train.cpus_per_worker": "compute resources",
+    "train.data_cache_mib": "memory held between epochs; the rows and their order are the same",
+    "train.log_every_steps": "how often the training curve is reported",
+    "train.checkpoints_to_keep": "Ray keeps the best by the primary metric, so the selected one survives either way",
+    "train.max_failures": "retries",
+    "train.storage_path": "where checkpoints and the sweep live",
+    "eval.batch_size": "greedy decoding batches (fixed-length 30 s inputs and forced prompts)",
+    "tune.max_concurrent_trials": "scheduling",
+    "tune.trial_max_failures": "retries",
+    "publish": "where the selection goes",
+    "cost": "the full-vs-LoRA comparison, another job",
+    "ray": "where Ray runs",
+    "storage": "how remote locations are reached",
+    "tracking": "what is logged, and where",
+}
+"""Config fields (dotted paths) that do not change what a sweep's trials compute, each with the reason."""
+
+
+def sweep_identity(config: JobConfig) -> dict:
+    """What names a sweep: the config's non-default values, without the fields in ``NOT_IDENTITY``."""
+    tree = config.model_dump(mode="json", exclude_defaults=True)
+    for dotted in NOT_IDENTITY:
+        _remove(tree, dotted.split("."))
+    return tree
+
+
+def _remove(tree: dict, path: list[str]) -> None:
+    """Remove ``path`` from ``tree`` and the sections it leaves empty (an empty one would still be hashed)."""
+    head, *rest = path
+    if rest and isinstance(tree.get(head), dict):
+        _remove(tree[head], rest)
+        if not tree[head]:
+            del tree[head]
+    elif not rest:
+        tree.pop(head, None)
+
+
 def sweep_name(config: JobConfig) -> str:
-    """Tune experiment name: the same config resumes the same sweep; a changed grid or plan starts a new one."""
-    sweep = {key: config.model_dump(mode="json")[key] for key in ("model", "data", "train", "tune")}
-    digest = hashlib.sha256(json.dumps(sweep, sort_keys=True).encode()).hexdigest()[:8]
+    """Tune experiment name: the same config resumes the same sweep; a changed grid or plan starts a new one, a
+    changed schedule, resource, retry, storage or tracking setting does not (``NOT_IDENTITY``)."""
+    digest = hashlib.sha256(json.dumps(sweep_identity(config), sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.experiment}-tune-{digest}"
 
 
 def run_sweep(config: JobConfig, gpu: bool) -> tune.ResultGrid:
+    """Run (or resume) the sweep ``config`` names and wait for it. A resumed sweep logs with the current
+    ``tracking`` section; Tune restores its own concurrency limit with its search state."""
     storage = ray_storage(config)
     name = sweep_name(config)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, config=config.model_dump(mode="json")), TRIAL_DRIVER
     )
+    callbacks = [*tracking_callbacks(config, name), TrialProgress()]
     path = f"{storage['storage_path']}/{name}"
     if tune.Tuner.can_restore(path, storage["storage_filesystem"]):
-        log.info("resuming sweep %s", path)
+        log.info("resuming sweep %s (with the concurrency it started with)", path)
         tuner = tune.Tuner.restore(
             path, trainable, resume_errored=True, storage_filesystem=storage["storage_filesystem"]
         )
+        _log_with(tuner, callbacks)
     else:
         concurrency = max_concurrent_trials(config, ray.cluster_resources(), gpu)
         log.info("sweep %s: up to %d trials at once", path, concurrency)
@@ -58,10 +118,23 @@ def run_sweep(config: JobConfig, gpu: bool) -> tune.ResultGrid:
                 name=name,
                 **storage,
                 failure_config=tune.FailureConfig(max_failures=config.tune.trial_max_failures),
-                verbose=1,
+                callbacks=callbacks,
+                verbose=0,  # TrialProgress prints a line per trial event instead of Tune's boxes and tables
             ),
         )
-    return tuner.fit()
+    with only_listed_loggers():
+        return tuner.fit()
+
+
+def _log_with(tuner: tune.Tuner, callbacks: list) -> None:
+    """Tune restores the ``RunConfig`` pickled at a sweep's first start, loggers included; tracking is not part of
+    the sweep's identity, so a resumed sweep logs with the ones configured now. Ray 2.60 keeps them on the
+    driver's ``TunerInternal``; under Ray Client there is none and the first start's loggers stay."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is None:
+        log.warning("resumed sweep: Tune keeps the loggers of its first start (no local Tuner to update)")
+        return
+    internal._run_config.callbacks = callbacks
 
 
 def _trial_id(result) -> str:

@@ -1,0 +1,157 @@
+"""Which rows each Train worker trains on, epoch by epoch: a seeded order every worker computes on its own.
+
+Ray Data's ``streaming_split`` hands blocks to whichever worker asks first, so a restarted worker cannot know
+which rows it had consumed, and every epoch saw the rows in the order they were written. Here an epoch's order is
+a pure function of ``(seed, epoch)`` and the split's Parquet layout (files by name, their row groups): the row
+groups are cut into chunks of ``CHUNK_ROWS`` rows, the chunks are permuted, rows are shuffled within windows of
+``window`` rows, and the order is dealt out in global micro-batches of ``world × batch_size`` rows, worker ``r``
+taking the ``r``-th slice of each. Every worker trains on as many rows, each row at most once per epoch, and a
+resumed worker recomputes the same order and skips the micro-batches it already trained on without reading them.
+
+Chunks and windows keep reads local: a window touches a bounded set of row groups, which the reader keeps in a
+cache while they fit (``cache_bytes``; a small low-resource split stays whole in memory after the first epoch).
+The next micro-batch is read in a background thread while the current one trains.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from whisper_lora.data.prepared import FEATURE_COLUMNS, rows_of
+from whisper_lora.storage import Location
+
+CHUNK_ROWS = 16
+"""Rows that stay neighbours before the window shuffle: small enough to mix a split of a few hundred rows well,
+large enough that a window reads each row group it touches for many of its rows."""
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: Location
+    index: int
+    rows: int
+    bytes: int
+    """Uncompressed size: what it takes in the reader's cache."""
+
+
+def layout(split: Location) -> list[RowGroup]:
+    """The split's row groups in a fixed order: Parquet files by name, then row-group index."""
+    groups = []
+    for file in (f for f in split.files() if f.name.endswith(".parquet")):
+        with file.open() as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        for index in range(metadata.num_row_groups):
+            group = metadata.row_group(index)
+            groups.append(RowGroup(file, index, group.num_rows, group.total_byte_size))
+    if not groups:
+        raise FileNotFoundError(f"no Parquet rows in {split.uri}: run `whisper-lora prepare` first")
+    return groups
+
+
+def epoch_order(group_rows: Sequence[int], seed: int, epoch: int, window: int) -> np.ndarray:
+    """Every row index of the split (numbered through the row groups in ``layout`` order), in the order of
+    ``epoch``: chunks of ``CHUNK_ROWS`` permuted, then rows shuffled within windows of ``window`` rows."""
+    rng = np.random.default_rng([seed, epoch])
+    starts = np.concatenate([[0], np.cumsum(group_rows)[:-1]]).astype(np.int64)
+    chunks = [
+        np.arange(start + offset, start + min(offset + CHUNK_ROWS, rows))
+        for start, rows in zip(starts, group_rows, strict=True)
+        for offset in range(0, rows, CHUNK_ROWS)
+    ]
+    order = np.concatenate([chunks[i] for i in rng.permutation(len(chunks))]) if chunks else np.empty(0, np.int64)
+    for begin in range(0, len(order), window):
+        order[begin : begin + window] = rng.permutation(order[begin : begin + window])
+    return order
+
+
+def worker_batches(order: np.ndarray, rank: int, world: int, batch_size: int, micro_batches: int) -> np.ndarray:
+    """Row indices of worker ``rank``'s micro-batches in an epoch: (micro_batches, batch_size). Global micro-batch
+    ``k`` is ``order[k·world·batch_size : (k+1)·world·batch_size]``; the worker takes its slice of each."""
+    needed = micro_batches * world * batch_size
+    if len(order) < needed:
+        raise ValueError(
+            f"the split has {len(order)} rows: {world} worker(s) × {micro_batches} batch(es) of {batch_size} "
+            f"need {needed}"
+        )
+    return order[:needed].reshape(micro_batches, world, batch_size)[:, rank, :]
+
+
+class EpochReader:
+    """One worker's view of a prepared (or encoded) split: ``batches(...)`` yields its micro-batches of an epoch as
+    the columns ``collate`` takes, in the order of ``epoch_order``."""
+
+    def __init__(self, split: Location, cache_bytes: int) -> None:
+        self.split = split
+        self.groups = layout(split)
+        self.cache_bytes = cache_bytes
+        with self.groups[0].file.open() as handle:
+            names = pq.read_schema(handle).names
+        self.feature = next((name for name in FEATURE_COLUMNS if name in names), None)
+        if self.feature is None:
+            raise ValueError(f"{split.uri} has none of the feature columns {FEATURE_COLUMNS}")
+        self.columns = ["id", "duration_s", "label_ids", self.feature]
+        self._starts = np.concatenate([[0], np.cumsum([g.rows for g in self.groups])]).astype(np.int64)
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def rows(self) -> int:
+        return int(self._starts[-1])
+
+    def order(self, seed: int, epoch: int, window: int) -> np.ndarray:
+        return epoch_order([g.rows for g in self.groups], seed, epoch, window)
+
+    def batches(self, indices: np.ndarray, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The micro-batches ``indices`` (from ``worker_batches``), the first ``skip`` left out unread; the next one
+        is read while the caller trains on the current one."""
+        pending = list(indices[skip:])
+        if not pending:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-reader") as pool:
+            upcoming = pool.submit(self.read, pending[0])
+            for following in [*pending[1:], None]:
+                batch = upcoming.result()
+                if following is not None:
+                    upcoming = pool.submit(self.read, following)
+                yield batch
+
+    def read(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """The rows with these split-wide indices, in this order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        group_of = np.searchsorted(self._starts, rows, side="right") - 1
+        pieces, positions = [], np.empty(len(rows), dtype=np.int64)
+        offset = 0
+        for group in dict.fromkeys(group_of.tolist()):
+            mine = np.flatnonzero(group_of == group)
+            pieces.append(self._group(group).take(pa.array(rows[mine] - self._starts[group])))
+            positions[mine] = np.arange(offset, offset + len(mine))
+            offset += len(mine)
+        table = pa.concat_tables(pieces).take(pa.array(positions))
+        return rows_of(table, self.feature)
+
+    def _group(self, index: int) -> pa.Table:
+        with self._lock:
+            if index in self._cache:
+                self._cache.move_to_end(index)
+                return self._cache[index]
+        table = self._load(self.groups[index])
+        with self._lock:
+            self._cache[index] = table
+            self._cached_bytes += table.nbytes
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                _, evicted = self._cache.popitem(last=False)
+                self._cached_bytes -= evicted.nbytes
+        return table
+
+    def _load(self, group: RowGroup) -> pa.Table:
+        with group.file.open() as handle:
+            return pq.ParquetFile(handle).read_row_group(group.index, columns=self.columns)
