@@ -107,8 +107,12 @@ def quiet() -> None:
 
     transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" per model load
     import ray.data  # noqa: F401  (configures Ray Data's logger, which the filter goes on)
+    from ray.train.v2._internal.execution import context as train_context
 
     _ray_data_console()
+    # Ray Train logs every report of every worker at INFO ("Reporting training result …") on a logger named by its
+    # file path, outside the ray.train hierarchy that RunConfig(logging_config=…) sets
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _value(result: dict, key: str) -> str:

@@ -171,8 +171,8 @@ def _report_training(worker: Worker, progress: Progress, window: _Window) -> Non
         "samples_per_second": window.samples / elapsed,
         "data_wait_seconds": window.waited,
     }
-    if worker.rank == 0:
-        log.info("step %d/%d loss %.4f grad norm %.3f lr %.2e", progress.step, worker.plan.train.max_steps,
+    if worker.rank == 0:  # the console shows the trial's report (console.TrialProgress); the worker log keeps this
+        log.debug("step %d/%d loss %.4f grad norm %.3f lr %.2e", progress.step, worker.plan.train.max_steps,
                  metrics["loss"], metrics["grad_norm"], metrics["learning_rate"])  # fmt: skip
     ray.train.report(metrics)
 
