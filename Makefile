@@ -31,7 +31,7 @@ demo: install espeak $(DEMO_DIR)/README.md
 	@echo "published: artifacts/published/demo/ (manifest.json, report.md, *.png)"
 
 test: install espeak
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q --durations=25
 	$(PY) -m ruff check whisper_lora ray_jobs tests benchmarks
 
 # The GPU image's exact pins (cluster/Dockerfile): what is installed in .venv, torch as its CUDA build.
