@@ -113,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     progress = resume(worker)
     reader = train_reader(plan)
     since_report: list[StepResult] = []
-    since_log = _Window()
+    since_log = _Window(progress)
     clock = time.perf_counter()
     saved_for_preemption = False
     while progress.step < plan.train.max_steps:
@@ -123,13 +123,13 @@ def train_loop_per_worker(config: dict) -> None:
             result = train_step(worker, micro_batches)
             since_report.append(result)
             progress.count(micro_batches, waited, worker.world)
-            since_log.add(result, micro_batches, waited, worker.world)
+            since_log.steps.append(result)
             epoch_end = progress.batches_done >= plan.micro_batches_per_epoch
             if epoch_end:
                 progress.next_epoch()
             if progress.step % plan.train.log_every_steps == 0:
                 _report_training(worker, progress, since_log)
-                since_log = _Window()
+                since_log = _Window(progress)
             evaluating = should_evaluate(plan.train, progress.step, epoch_end)
             # a collective: every rank asks after the same steps (those not followed by an evaluation)
             preempted = not evaluating and ray.train.get_preemption_info() is not None
@@ -143,18 +143,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 class _Window:
-    """What happened since the last training report."""
+    """The steps since the last training report, and where ``Progress`` stood when it began: samples and data wait
+    of the window are the differences (``Progress.count`` is the one place they are counted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Progress) -> None:
         self.steps: list[StepResult] = []
-        self.samples = 0
-        self.waited = 0.0
+        self.samples = progress.samples
+        self.waited = progress.data_wait_seconds
         self.started = time.perf_counter()
-
-    def add(self, result: StepResult, micro_batches: list[Rows], waited: float, world: int) -> None:
-        self.steps.append(result)
-        self.samples += sum(len(rows["id"]) for rows in micro_batches) * world
-        self.waited += waited
 
 
 def _report_training(worker: Worker, progress: Progress, window: _Window) -> None:
@@ -168,8 +164,8 @@ def _report_training(worker: Worker, progress: Progress, window: _Window) -> Non
         "loss": statistics.fmean(step.loss for step in window.steps),
         "learning_rate": worker.scheduler.get_last_lr()[0],
         "grad_norm": statistics.fmean(step.grad_norm for step in window.steps),
-        "samples_per_second": window.samples / elapsed,
-        "data_wait_seconds": window.waited,
+        "samples_per_second": (progress.samples - window.samples) / elapsed,
+        "data_wait_seconds": progress.data_wait_seconds - window.waited,
     }
     if worker.rank == 0:  # the console shows the trial's report (console.TrialProgress); the worker log keeps this
         log.debug("step %d/%d loss %.4f grad norm %.3f lr %.2e", progress.step, worker.plan.train.max_steps,
