@@ -30,9 +30,11 @@ demo: install espeak $(DEMO_DIR)/README.md
 	$(PY) ray_jobs/tune_languages.py --config ray_jobs/configs/demo.yaml
 	@echo "published: artifacts/published/demo/ (manifest.json, report.md, *.png)"
 
+# Three stages, cheapest first: lint, the tests without Ray, then the tests that start Ray (marked `ray`).
 test: install espeak
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q --durations=25
 	$(PY) -m ruff check whisper_lora ray_jobs tests benchmarks
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q -m "not ray" --durations=10
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q -m ray --durations=25
 
 # The GPU image's exact pins (cluster/Dockerfile): what is installed in .venv, torch as its CUDA build.
 gpu-lock: install
