@@ -1,4 +1,5 @@
-"""ray job submit --working-dir . -- python ray_jobs/compare_cost.py --config ray_jobs/configs/compare_cost.yaml
+"""RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml \
+    -- python ray_jobs/compare_cost.py --config ray_jobs/configs/cluster.yaml train.language=hi
 
 What did LoRA save us? Trains the same base model on the same language's data for the same steps twice through
 the same Ray Train loop, full fine-tuning and LoRA, measures both (parameters, step time, samples/s, peak memory,

@@ -3,13 +3,23 @@ on resume; read through the storage layer (local here; the same reader takes s3:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.builders import write_split
-from whisper_lora.data.epochs import CHUNK_ROWS, EpochReader, epoch_order, layout, worker_batches
+from whisper_lora.data.epochs import (
+    CACHE_SHARE,
+    CHUNK_ROWS,
+    EpochReader,
+    epoch_order,
+    layout,
+    node_cache_bytes,
+    worker_batches,
+)
 from whisper_lora.storage import open_location
 
 
@@ -73,3 +83,30 @@ def test_the_cache_keeps_row_groups_while_they_fit(tmp_path):
         loads[cache_bytes] = len(loaded)
     assert loads[2**30] == 4  # each row group read once in three epochs
     assert loads[0] > 12  # without a cache, every batch reads again what it needs
+
+
+def test_the_cache_is_capped_at_the_workers_share_of_the_nodes_memory():
+    gib = 2**30
+    assert node_cache_bytes(4 * gib, workers_on_node=2, available=24 * gib) == 4 * gib  # fits: as configured
+    with recorded("whisper_lora.data.epochs") as records:  # its own handler: other tests' logging setups vary
+        capped = node_cache_bytes(4 * gib, workers_on_node=8, available=24 * gib)
+    assert capped == int(CACHE_SHARE * 24 * gib / 8) < 4 * gib
+    assert any("row-group cache capped at 1536 MiB (of 4096 MiB configured)" in r.getMessage() for r in records)
+    assert node_cache_bytes(0, workers_on_node=1, available=gib) == 0
+    assert 0 < node_cache_bytes(2**50, workers_on_node=1) < 2**50  # this machine's memory, read when not given
+
+
+@contextlib.contextmanager
+def recorded(name: str):
+    """The INFO records of logger ``name`` while the block runs."""
+    logger, records = logging.getLogger(name), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -105,6 +105,34 @@ def test_fleurs_tree_prepares_with_fleurs_names_and_counts_unknown_languages(ray
     assert "'Elvish'" in unknown["dropped_examples"]["unknown_language"][0]
 
 
+def _operators(operator) -> list[str]:
+    return [operator.name] + [name for parent in operator.input_dependencies for name in _operators(parent)]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_parquet_sources_read_footers_in_their_read_tasks(ray_local, tmp_path):
+    """Ray 2.60's default (V2) Parquet reader starts 32 footer-reader actors for every ``read_parquet``, and a source
+    is read once per language and split: a 3-node dry run hung starting 192 of them. Sources take the V1 reader,
+    and leave Ray Data's default as it was for everyone else."""
+    from ray.data import DataContext
+
+    from whisper_lora.data.sources import read_source
+
+    write_fleurs(tmp_path / "fleurs", "hi_in", "Hindi", {"train": 1, "dev": 1})
+    config = load_config(
+        None,
+        ["data.languages=hi", "data.source.kind=parquet", f"data.source.path={tmp_path}/fleurs/{{lang}}/{{split}}",
+         "data.source.language_names=fleurs"],
+    )  # fmt: skip
+    default = DataContext.get_current().use_datasource_v2
+    dataset = read_source(config.data, ["train", "dev"], config.storage)
+    reads = [name for name in _operators(dataset._logical_plan.dag) if "Read" in name or "List" in name]
+    assert reads == ["ReadParquet", "ReadParquet"]
+    assert DataContext.get_current().use_datasource_v2 == default
+    assert len(dataset.take_all()) == 2
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_save_to_disk_dataset_dict_prepares_with_class_label_languages(ray_local, tiny_model_dir, tmp_path):

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.builders import write_clip, write_common_voice
@@ -16,7 +17,9 @@ from whisper_lora.cli import main
 from whisper_lora.config import load_config
 from whisper_lora.manifest import Scores
 from whisper_lora.report import CURVES
+from whisper_lora.train.precision import device_label
 
+CPU = device_label(torch.device("cpu"))
 SENTENCES = {"hi": ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह"], "ta": ["ஒன்று இரண்டு", "மூன்று நான்கு", "ஐந்து"]}
 
 
@@ -63,13 +66,16 @@ def test_test_scores_equal_an_independent_evaluate_of_the_published_adapter(publ
     for language, entry in manifest.languages.items():
         scoring = entry.test_scoring
         assert (scoring.split, scoring.utterances) == ("test", len(SENTENCES[language]) - 1)
-        assert (scoring.precision, scoring.device) == ("float32", "cpu")
+        assert (scoring.precision, scoring.device) == ("fp32", CPU)
+        # zero-shot and every adapter decoded alike, dev and test (train.precision.scoring_precision)
+        assert entry.zero_shot.precision == entry.test.precision == entry.zero_shot_test.precision == "fp32"
+        assert entry.unlike_comparisons() == []
         assert entry.eval.utterances == 2  # dev still selects
         assert entry.test.normalizer == entry.zero_shot_test.normalizer == entry.normalizer == "basic"
         adapted = _evaluate(capsys, config_file, "--split", "test", "--adapter", entry.adapter,
                             f"train.language={language}")  # fmt: skip
         base = _evaluate(capsys, config_file, "--split", "test")
-        assert (adapted["precision"], adapted["device"], adapted["normalizer"]) == ("float32", "cpu", "basic")
+        assert (adapted["precision"], adapted["device"], adapted["normalizer"]) == ("fp32", CPU, "basic")
         for scores, independent in ((entry.test, adapted), (entry.zero_shot_test, base)):
             alone = independent["languages"][language]
             assert Scores.of(alone) == scores and alone["utterances"] == scoring.utterances
@@ -105,4 +111,4 @@ def test_trials_carry_their_curves_and_the_report_draws_them(published):
     experiment = Path(config.publish.storage) / config.experiment
     report = (experiment / "report.md").read_text()
     assert (experiment / CURVES).stat().st_size > 0 and CURVES in report
-    assert "| hi | dev (2) | test (3) | basic | float32 | cpu |" in report
+    assert f"| hi | dev (2) | test (3) | basic | fp32 | {CPU} |" in report

@@ -8,15 +8,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "whisper_lora"
 LAYERS = [
-    ["storage", "languages", "text", "models.sizes"],
+    ["storage", "languages", "text", "models.sizes", "train.precision"],
     ["config", "metrics", "manifest", "console"],
-    ["ray_runtime", "models"],
+    ["ray_runtime", "resources", "models"],
     ["data.sources", "data.audio"],
     ["data.features", "data.stats", "data.collate", "data.prepared", "data.epochs", "demo"],
     ["data.pipeline", "evaluate"],
     ["prepare", "encode", "score"],
     ["train"],
-    ["tune", "cost"],
+    ["tune", "tune.state", "cost"],
     ["publish", "portable"],
     ["report", "transcribe", "export"],
     ["job"],

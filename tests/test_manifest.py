@@ -137,3 +137,11 @@ def test_an_adapter_keeps_its_place_unless_beaten_on_the_same_ground():
     assert not other_normaliser.keeps(published)  # nor scores after another normaliser
     assert not better.keeps(None)
     assert FileRecord(sha256="b" * 64, bytes=12) == published.files["adapter_model.safetensors"]
+
+
+def test_a_trial_names_its_nodes_and_a_manifest_written_before_nodes_reads_without_them():
+    manifest = parse_manifest(json.dumps({**VERSION_1, "schema_version": 3}))
+    assert manifest.schema_version == 3 and manifest.trials[0].nodes == []
+    placed = Manifest(**{**manifest.model_dump(), "trials": [TrialSummary(**TRIAL, nodes=["n1", "n2"])]})
+    again = parse_manifest(placed.to_json())
+    assert again.trials[0].nodes == ["n1", "n2"] and again == placed

@@ -38,7 +38,8 @@ def published(tiny_model_dir, tmp_path_factory):
     base_dir = root / "base"
     shutil.copytree(tiny_model_dir, base_dir)
     generation = json.loads((base_dir / "generation_config.json").read_text())
-    (base_dir / "generation_config.json").write_text(json.dumps({**generation, "max_length": NEW_TOKENS + 4}))
+    # Whisper's generate counts max_length in new tokens (the forced prompt is added to it and stripped)
+    (base_dir / "generation_config.json").write_text(json.dumps({**generation, "max_length": NEW_TOKENS}))
     checkpoint = random_adapters(str(base_dir), root / "checkpoints", ["a"])["a"]
     resolved = resolve_base_model(str(base_dir), root / "models")
     base = BaseModelRecord(id=resolved.spec, sha256=resolved.sha256)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from whisper_lora.train.precision import Device, choose_precision
+from whisper_lora.manifest import BaseModelRecord, EvalSet, Manifest, PublishedAdapter, Scores
+from whisper_lora.report import markdown
+from whisper_lora.train.precision import Device, choose_precision, recorded_precision, scoring_precision
 
 CPU = Device("cpu")
 # what torch.cuda.get_device_properties reports on each card (memory in GiB, compute capability)
@@ -74,3 +76,76 @@ def test_dtypes_follow_the_choice():
 
 def test_current_device_here_is_the_cpu_unless_cuda_is_present():
     assert Device.current().kind == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize(("device", "expected"), [(CPU, "fp32"), (T4, "int8"), (V100_32, "fp16"), (A100, "bf16")])
+def test_scores_are_decoded_as_the_adapters_train_on_every_device(device, expected):
+    choice = scoring_precision("auto", device)
+    assert choice.precision == choose_precision("auto", device).precision == expected
+    assert choice.reason.startswith("as the adapters train")
+    assert scoring_precision("int8", CPU).precision == "int8"  # a run training int8 scores its zero-shot in int8
+    with pytest.raises(ValueError, match="needs a GPU"):
+        scoring_precision("bf16", CPU)
+
+
+def test_recorded_precisions_read_in_both_spellings():
+    assert [recorded_precision(n) for n in ("fp16", "float16", "float32", "bfloat16", "int8")] == [
+        "fp16", "fp16", "fp32", "bf16", "int8"
+    ]  # fmt: skip
+    assert recorded_precision(None) is None and recorded_precision("float64") is None
+
+
+def _entry(adapter: str | None, base: str | None, test: tuple[str, str] | None = None) -> PublishedAdapter:
+    scores = {"primary": 0.5, "wer": 0.5, "cer": 0.2, "raw_wer": 0.6}
+    tested = {} if test is None else {"test": Scores(**scores, precision=test[0]),
+                                      "zero_shot_test": Scores(**scores, precision=test[1])}  # fmt: skip
+    return PublishedAdapter(
+        language="hi", metric="wer", value=0.5, wer=0.5, cer=0.2, raw_wer=0.6, precision=adapter,
+        zero_shot=Scores(**{**scores, "primary": 0.9}, precision=base), eval=EvalSet(split="dev", utterances=4),
+        rank=4, alpha=8, learning_rate=1e-3, target_modules=["q_proj"], train_steps=20, trial_id="t", base_sha256="0",
+        adapter="a/adapters/hi/x", files={}, created="now", **tested,
+    )  # fmt: skip
+
+
+def test_an_improvement_across_two_precisions_is_flagged_in_the_report(caplog):
+    assert _entry("int8", "int8", ("int8", "int8")).unlike_comparisons() == []
+    assert _entry(None, "fp16").unlike_comparisons() == []  # a manifest from before the record: nothing to compare
+    unlike = _entry("int8", "fp16", ("int8", "int8"))
+    assert unlike.unlike_comparisons() == ["dev: adapter decoded in int8, zero-shot base in fp16"]
+    manifest = Manifest(experiment="e", created="now", base_model=BaseModelRecord(id="b", sha256="0"),
+                        languages={"hi": unlike})  # fmt: skip
+    assert "**Not like with like — hi, dev: adapter decoded in int8, zero-shot base in fp16**" in markdown(manifest)
+    assert "mixes quantisation loss with adaptation" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("requested", "recorded", "device", "expected"),
+    [
+        (None, "int8", "cpu", "int8"),  # the manifest's precision, where this device runs it
+        (None, "bf16", "cpu", "fp32"),  # not on a CPU: the device's default, with a warning
+        (None, None, "cpu", "fp32"),
+        ("fp32", "int8", "cpu", "fp32"),  # --precision wins
+    ],
+)
+def test_transcribe_decodes_in_the_adapters_recorded_precision_by_default(requested, recorded, device, expected):
+    from whisper_lora.transcribe import decoding_precision
+
+    entry = _entry(recorded, recorded)
+    assert decoding_precision(requested, entry, torch.device(device)) == expected
+
+
+def test_a_precision_the_device_cannot_run_is_refused_when_asked_for():
+    from whisper_lora.transcribe import PublishedAdapterError, decoding_precision
+
+    with pytest.raises(PublishedAdapterError, match="--precision fp16: precision fp16 needs a GPU"):
+        decoding_precision("fp16", _entry(None, None), torch.device("cpu"))
+
+
+def test_a_cuda_device_is_described_by_its_own_properties(monkeypatch):
+    class Properties:
+        total_memory, major, minor = 80 * 2**30, 8, 0
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: seen.append(index) or Properties)
+    assert Device.of(torch.device("cuda:1")) == Device("cuda", 80.0, (8, 0)) and seen == [1]
+    assert Device.of("cpu") == CPU

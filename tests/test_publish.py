@@ -235,9 +235,9 @@ def test_an_adapter_swapped_after_its_check_is_not_what_gets_loaded(published_hi
         if self.path == str(weights):
             weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
 
-    def record_load(base_path, adapter_dir=None, device=None):
+    def record_load(base_path, adapter_dir=None, device=None, precision=None):
         loaded.append((adapter_dir, sha256(Path(adapter_dir) / "adapter_model.safetensors")))
-        return load(base_path, adapter_dir, device)
+        return load(base_path, adapter_dir, device, precision)
 
     monkeypatch.setattr(Location, "copy_to", copy_then_swap)
     monkeypatch.setattr(transcribe, "load_for_inference", record_load)

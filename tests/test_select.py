@@ -121,3 +121,14 @@ def test_history_keeps_every_evaluation_and_thins_training_rows_to_the_limit():
     assert max(gaps) - min(gaps) <= 1
     assert len(history_of(reports)) == MAX_HISTORY
     assert all(p.loss == 7.0 for p in history_of(reports, limit=2000) if p.step == 500 and p.primary is None)
+
+
+def test_a_trial_lists_the_nodes_it_reported_from_in_order():
+    """A worker group restarted on another node and back: each node once, in order of first report; reports from
+    before node ids were reported (NaN in Tune's table) name none."""
+    rows = [_train_row(1, 3.0), _train_row(2, 2.5), _eval_row(2, 0.6), _train_row(3, 2.0), _eval_row(4, 0.5)]
+    nodes = [NAN, "node-a", "node-a", "node-b", "node-a"]
+    reports = [{**row, "node_id": node} for row, node in zip(rows, nodes, strict=True)]
+    result = trial_outcome("t", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None)
+    assert result.nodes == ["node-a", "node-b"] and result.summary().nodes == ["node-a", "node-b"]
+    assert trial_outcome("u", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, rows, None).nodes == []

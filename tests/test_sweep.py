@@ -239,6 +239,7 @@ def _named(tmp_path: Path, *overrides: str) -> str:
         "train.log_every_steps=1",
         "train.checkpoints_to_keep=4",
         "train.storage_path=s3://bucket/ray",
+        "tune.state_dir=/elsewhere/tune",
         "eval.batch_size=1",
         "tracking.mlflow=true",
         "tracking.tensorboard=false",

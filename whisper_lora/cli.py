@@ -6,13 +6,19 @@ import argparse
 import json
 import logging
 import sys
+from typing import get_args
 
-from whisper_lora.config import ConfigError, ModelConfig, explain, load_config
+from whisper_lora.config import ConfigError, ModelConfig, TrainConfig, explain, load_config
 from whisper_lora.data.sources import SourceError
+from whisper_lora.demo.corpus import DEFAULT_PER_SPLIT
 from whisper_lora.manifest import ManifestError
 from whisper_lora.models.ctranslate2 import CTranslate2FormatError
 from whisper_lora.models.resolve import ModelNotFound
 from whisper_lora.storage import StorageError, StorageOptions
+from whisper_lora.tune.state import TuneStateError
+
+PRECISIONS = tuple(name for name in get_args(TrainConfig.model_fields["precision"].annotation) if name != "auto")
+"""What ``--precision`` takes: ``train.precision``'s choices."""
 
 
 def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,10 +47,15 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from whisper_lora.models.inference import inference_device
     from whisper_lora.score import score
 
     config = load_config(args.config, args.overrides)
-    print(json.dumps(score(config, args.split, args.adapter), indent=2, ensure_ascii=False))
+    try:
+        device = inference_device(args.device)
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from None
+    print(json.dumps(score(config, args.split, args.adapter, device, args.precision), indent=2, ensure_ascii=False))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -91,8 +102,9 @@ def _transcribe(args: argparse.Namespace) -> None:
     storage = StorageOptions(s3_endpoint=args.s3_endpoint, s3_region=args.s3_region)
     try:
         results = transcribe_files(
-            args.adapter, args.files, Path(args.cache_dir), args.base, storage=storage, device=args.device
-        )
+            args.adapter, args.files, Path(args.cache_dir), args.base, storage=storage, device=args.device,
+            precision=args.precision,
+        )  # fmt: skip
     except PublishedAdapterError as exc:
         raise ConfigError(str(exc)) from None
     for path, text in results:
@@ -147,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--adapter", required=True, help="published language directory (path or s3://)")
     transcribe.add_argument("--base", default=None, help="base model spec (default: the manifest's)")
     transcribe.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
+    transcribe.add_argument("--precision", default=None, choices=PRECISIONS,
+                            help="decode in (default: what the manifest says the adapter was scored in)")  # fmt: skip
     _with_model_cache_and_storage(transcribe)
     transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files or URIs (any format soundfile reads)")
     transcribe.set_defaults(run=_transcribe)
@@ -163,13 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _with_config(commands.add_parser("evaluate", help="score the base model (or base + adapter)"))
     evaluate.add_argument("--split", default=None, help="split to score (default: data.test_split)")
     evaluate.add_argument("--adapter", default=None, help="peft adapter directory; omit for zero-shot")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
+    evaluate.add_argument("--precision", default=None, choices=PRECISIONS,
+                          help="decode in (default: what train.precision trains in there, as jobs score)")  # fmt: skip
     evaluate.set_defaults(run=_evaluate)
     _with_config(commands.add_parser("config", help="print the validated config, or every field's documentation"))
     commands.choices["config"].set_defaults(run=_config)
     corpus = commands.add_parser("demo-corpus", help="write the espeak-ng demo corpus (Common Voice layout)")
     corpus.add_argument("--out", required=True, help="release directory to write")
     corpus.add_argument("--languages", default="mr,hi,ta,te,kn,ml", help="comma-separated codes")
-    corpus.add_argument("--per-split", default="train=60,dev=16,test=16", help="clips per split and language")
+    corpus.add_argument(
+        "--per-split", default=DEFAULT_PER_SPLIT, help=f"clips per split and language (default {DEFAULT_PER_SPLIT})"
+    )
     corpus.add_argument("--seed", type=int, default=0)
     corpus.set_defaults(run=_demo_corpus)
     return parser
@@ -187,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (
-        ConfigError, SourceError, ModelNotFound, CTranslate2FormatError, ManifestError, StorageError, FileNotFoundError
+        ConfigError, SourceError, ModelNotFound, CTranslate2FormatError, ManifestError, StorageError, FileNotFoundError,
+        TuneStateError,
     ) as exc:  # fmt: skip
         print(f"whisper-lora: {exc}", file=sys.stderr)
         return 2

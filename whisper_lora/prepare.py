@@ -17,7 +17,7 @@ from whisper_lora.config import JobConfig
 from whisper_lora.data.pipeline import featurize
 from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir
 from whisper_lora.data.stats import StatsCollector
-from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.models.resolve import resolve_model
 from whisper_lora.ray_runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def prepare(config: JobConfig) -> dict:
     """Featurize train/eval/test splits of every configured language; returns what ``stats.json`` holds."""
-    model = resolve_base_model(config.model.base, config.model.cache_dir)
+    model = resolve_model(config.model)
     init_ray(config.ray)
     splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split, config.data.test_split]))
     out = prepared_dir(config)
@@ -55,7 +55,7 @@ def ensure_prepared(config: JobConfig) -> dict:
     stats_file = prepared_dir(config) / "stats.json"
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text(encoding="utf-8"))
-        model = resolve_base_model(config.model.base, config.model.cache_dir)
+        model = resolve_model(config.model)
         if stats.get("data") == config.data.model_dump(mode="json") and stats["model"]["sha256"] == model.sha256:
             log.info("reusing prepared data in %s", stats_file.parent)
             return stats

@@ -9,6 +9,7 @@ on it, so the winner's dev score is optimistic), *test* the held-out split score
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from whisper_lora.manifest import Manifest, PublishedAdapter, Scores, TrialSumma
 HEATMAP = "error_by_rank.png"
 BEST_VS_ZERO_SHOT = "best_vs_zero_shot.png"
 CURVES = "training_curves.png"
+log = logging.getLogger(__name__)
 
 
 def _label(language: str) -> str:
@@ -175,7 +177,18 @@ def _published_table(manifest: Manifest) -> list[str]:
             f"| {language} | {entry.eval.split} ({entry.eval.utterances}) | {test_split} | {_normalizers(entry)} | "
             f"{scoring.precision if scoring else '-'} | {scoring.device if scoring else '-'} | {config} |"
         )
-    return lines
+    return lines + _unlike_warnings(manifest)
+
+
+def _unlike_warnings(manifest: Manifest) -> list[str]:
+    """A loud line (and a logged warning) per comparison whose sides were decoded in different precisions."""
+    lines = []
+    for language, entry in sorted(manifest.languages.items()):
+        for unlike in entry.unlike_comparisons():
+            log.warning("%s: %s: its improvement mixes quantisation loss with adaptation", language, unlike)
+            lines.append(f"> **Not like with like — {language}, {unlike}**: the difference mixes quantisation "
+                         "loss with adaptation.")  # fmt: skip
+    return ["", *lines] if lines else []
 
 
 def markdown(manifest: Manifest, curves: bool = False) -> str:

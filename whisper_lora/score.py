@@ -4,8 +4,9 @@ through ``models.inference`` and score through ``evaluate.score_split`` with ``e
 
 Zero-shot and test scores run as one Ray task per language (a GPU each where there are GPUs) and are kept in
 ``<run_dir>/zero_shot_<split>.json`` and ``<run_dir>/test_scores_<split>.json``, reused while the base model, the
-adapter, the data and the normaliser are unchanged. An adapter and its base are scored in the same task, so in the
-same precision on the same device.
+adapter, the data, the normaliser and the training precision are unchanged. Every score is decoded in the
+precision the adapters train in on the scoring device (``train.precision.scoring_precision``), as the trials'
+dev evaluations are, and says so (``precision``, ``device``); an adapter and its base are scored in the same task.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import ray
 import torch
 from transformers import PreTrainedModel, WhisperTokenizer
 
-from whisper_lora.config import JobConfig
+from whisper_lora.config import ConfigError, JobConfig
 from whisper_lora.data.prepared import prepared_dir, split_dir, split_files
 from whisper_lora.evaluate import score_split
 from whisper_lora.manifest import ADAPTER_FILES, Scores, Scoring, adapter_files
 from whisper_lora.models.inference import inference_device, load_for_inference
-from whisper_lora.models.resolve import ResolvedModel, resolve_base_model
+from whisper_lora.models.resolve import ResolvedModel, resolve_model
+from whisper_lora.resources import task_options
 from whisper_lora.storage import Location, StorageOptions, open_location
+from whisper_lora.train.precision import Device, Precision, device_label, scoring_precision
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +45,30 @@ def _log(language: str, split: str, scores: dict) -> None:
     )
 
 
-def _precision(model: PreTrainedModel) -> str:
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
+def _scoring(requested: str, device: torch.device) -> dict:
+    """``precision`` and ``device`` of scores decoded on ``device`` for a run training at ``requested``."""
+    precision = scoring_precision(requested, Device.of(device)).precision
+    return {"precision": precision, "device": device_label(device)}
 
 
-def _device(device: torch.device) -> str:
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
-
-
-def score(config: JobConfig, split: str | None = None, adapter: str | None = None) -> dict:
-    """Scores per language on ``split`` (default: the test split); with ``adapter``, only its language.
-    Written to ``<run_dir>/scores_<split>_<zero-shot or adapter>.json``."""
+def score(
+    config: JobConfig,
+    split: str | None = None,
+    adapter: str | None = None,
+    device: torch.device | None = None,
+    precision: Precision | None = None,
+) -> dict:
+    """Scores per language on ``split`` (default: the test split); with ``adapter``, only its language. On
+    ``device`` (default: a GPU when there is one) in ``precision`` (default: the run's, ``scoring_precision`` of
+    ``train.precision`` there). Written to ``<run_dir>/scores_<split>_<zero-shot or adapter>.json``."""
     split = split or config.data.test_split
-    base = resolve_base_model(config.model.base, config.model.cache_dir)
-    device = inference_device()
-    model = load_for_inference(base.path, adapter, device)
+    base = resolve_model(config.model)
+    device = device or inference_device()
+    try:
+        scoring = _scoring(precision or config.train.precision, device)
+    except ValueError as exc:
+        raise ConfigError(f"precision on {device}: {exc}") from None
+    model = load_for_inference(base.path, adapter, device, scoring["precision"])
     tokenizer = WhisperTokenizer.from_pretrained(base.path)
     languages = config.data.languages if adapter is None else [config.train_language]
     scores = {
@@ -65,8 +77,7 @@ def score(config: JobConfig, split: str | None = None, adapter: str | None = Non
         "adapter": adapter,
         "split": split,
         "normalizer": config.eval.normalizer,
-        "precision": _precision(model),
-        "device": _device(device),
+        **scoring,
         "languages": {},
     }
     for language in languages:
@@ -75,7 +86,7 @@ def score(config: JobConfig, split: str | None = None, adapter: str | None = Non
             model, tokenizer, directory, language, config.eval.batch_size, config.eval.max_utterances,
             normalizer=config.eval.normalizer,
         )  # fmt: skip
-        scores["languages"][language] = result
+        scores["languages"][language] = {**result, **scoring}
         _log(language, split, result)
     what = "zero-shot" if adapter is None else Path(adapter).parent.name
     out = config.run_dir / f"scores_{split}_{what}.json"
@@ -85,17 +96,21 @@ def score(config: JobConfig, split: str | None = None, adapter: str | None = Non
 
 @ray.remote
 def score_base(
-    base_path: str, directory: str, language: str, batch_size: int, limit: int | None, normalizer: str
-) -> dict:
-    model = load_for_inference(base_path)
+    base_path: str, directory: str, language: str, batch_size: int, limit: int | None, normalizer: str,
+    requested: str,
+) -> dict:  # fmt: skip
+    """The base model on one split, in the precision a run training at ``requested`` trains in here."""
+    scoring = _scoring(requested, inference_device())
+    model = load_for_inference(base_path, None, inference_device(), scoring["precision"])
     tokenizer = WhisperTokenizer.from_pretrained(base_path)
-    return score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer)
+    return {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer), **scoring}
 
 
 def _key(base: ResolvedModel, directory: Path, config: JobConfig) -> dict:
     limit = config.eval.max_utterances
     files = split_files(directory)
-    return {"model_sha256": base.sha256, "files": files, "max_utterances": limit, "normalizer": config.eval.normalizer}
+    return {"model_sha256": base.sha256, "files": files, "max_utterances": limit, "normalizer": config.eval.normalizer,
+            "precision": config.train.precision}  # fmt: skip
 
 
 def zero_shot_scores(config: JobConfig, base: ResolvedModel, data_root: Path, gpu: bool) -> dict[str, dict]:
@@ -109,9 +124,9 @@ def zero_shot_scores(config: JobConfig, base: ResolvedModel, data_root: Path, gp
         directory = split_dir(data_root, language, split)
         key = json.loads(json.dumps(_key(base, directory, config)))
         if cached.get(language, {}).get("key") != key:
-            task = score_base.options(num_gpus=1 if gpu else 0, num_cpus=1)
+            task = score_base.options(**task_options(config, gpu, cpus=1))
             arguments = (str(directory), language, config.eval.batch_size, limit, config.eval.normalizer)
-            pending[language] = (key, task.remote(base.path, *arguments))
+            pending[language] = (key, task.remote(base.path, *arguments, config.train.precision))
     for language, (key, reference) in pending.items():
         cached[language] = {"key": key, "scores": ray.get(reference)}
         _log(language, f"{split} (zero-shot)", cached[language]["scores"])
@@ -133,23 +148,25 @@ class HeldOutScores:
 @ray.remote
 def score_with_and_without(
     base_path: str, adapter: str, storage: dict, directory: str, language: str, batch_size: int, limit: int | None,
-    normalizer: str,
+    normalizer: str, requested: str,
 ) -> dict:  # fmt: skip
     """The base model, then base + the adapter at ``adapter`` (any location, copied here), on one split: one
-    device, one loader, so one precision."""
+    device, one loader, the precision a run training at ``requested`` trains in here."""
     device = inference_device()
+    scoring = _scoring(requested, device)
     tokenizer = WhisperTokenizer.from_pretrained(base_path)
 
     def scores(model: PreTrainedModel) -> dict:
-        return score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer)
+        return {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer),
+                **scoring}  # fmt: skip
 
-    zero_shot = scores(load_for_inference(base_path, None, device))
+    zero_shot = scores(load_for_inference(base_path, None, device, scoring["precision"]))
     source = open_location(adapter, StorageOptions(**storage))
     with tempfile.TemporaryDirectory(prefix="adapter-") as local:
         for name in ADAPTER_FILES:
             source.join(name).copy_to(open_location(str(Path(local) / name)))
-        model = load_for_inference(base_path, local, device)
-    return {"adapter": scores(model), "zero_shot": zero_shot, "precision": _precision(model), "device": _device(device)}
+        model = load_for_inference(base_path, local, device, scoring["precision"])
+    return {"adapter": scores(model), "zero_shot": zero_shot, **scoring}
 
 
 def held_out_scores(
@@ -169,10 +186,11 @@ def held_out_scores(
         files = {name: record.sha256 for name, record in adapter_files(adapter).items()}
         keys[language] = json.loads(json.dumps({**_key(base, directory, config), "adapter": files}))
         if cached.get(language, {}).get("key") != keys[language]:
-            task = score_with_and_without.options(num_gpus=1 if gpu else 0, num_cpus=1)
+            task = score_with_and_without.options(**task_options(config, gpu, cpus=1))
             arguments = (str(directory), language, config.eval.batch_size, config.eval.max_utterances)
             storage = config.storage.model_dump(mode="json")
-            pending[language] = task.remote(base.path, adapter.uri, storage, *arguments, config.eval.normalizer)
+            pending[language] = task.remote(base.path, adapter.uri, storage, *arguments, config.eval.normalizer,
+                                            config.train.precision)  # fmt: skip
     for language, reference in pending.items():
         cached[language] = {"key": keys[language], "scores": ray.get(reference)}
         _log(language, f"{split} (adapter)", cached[language]["scores"]["adapter"])

@@ -25,9 +25,10 @@ from whisper_lora.data.collate import stack_features
 from whisper_lora.data.features import Featurizer
 from whisper_lora.evaluate import greedy_transcripts
 from whisper_lora.manifest import ADAPTER_FILES, MANIFEST, Manifest, PublishedAdapter, adapter_files, read_manifest
-from whisper_lora.models.inference import inference_device, inference_dtype, load_for_inference
+from whisper_lora.models.inference import default_precision, inference_device, load_for_inference
 from whisper_lora.models.resolve import ModelMismatch, resolve_base_model
 from whisper_lora.storage import Location, StorageOptions, open_location
+from whisper_lora.train.precision import Device, Precision, recorded_precision, scoring_precision
 
 WINDOW_S = 30.0
 """What Whisper hears at once."""
@@ -150,17 +151,29 @@ def transcribe_audio(
 
 
 def _device(name: str | None) -> torch.device:
-    """``name`` as a torch device, or a GPU when there is one; a clear error for a name torch does not know or a
-    CUDA device that is not there."""
-    if not name:
-        return inference_device()
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise PublishedAdapterError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise PublishedAdapterError(f"--device {name}: no such CUDA device is visible here")
-    return device
+        return inference_device(name)
+    except ValueError as exc:
+        raise PublishedAdapterError(f"--{exc}") from None
+
+
+def decoding_precision(requested: str | None, entry: PublishedAdapter, device: torch.device) -> Precision:
+    """``requested`` (``--precision``), else the precision the manifest says the adapter's scores were decoded in,
+    else what training would choose on ``device``. A recorded precision this device cannot run (bf16 or fp16 on a
+    CPU) gives way to that default, with a warning: transcripts then come from another decoding than the scores."""
+    if requested:
+        try:
+            return scoring_precision(requested, Device.of(device)).precision
+        except ValueError as exc:
+            raise PublishedAdapterError(f"--precision {requested}: {exc}") from None
+    recorded = recorded_precision(entry.precision or (entry.test_scoring.precision if entry.test_scoring else None))
+    if recorded:
+        try:
+            return scoring_precision(recorded, Device.of(device)).precision
+        except ValueError as exc:
+            log.warning("the adapter was scored in %s, which %s cannot decode in (%s): using %s", recorded, device,
+                        exc, default_precision(device))  # fmt: skip
+    return default_precision(device)
 
 
 def transcribe_files(
@@ -171,16 +184,18 @@ def transcribe_files(
     batch_size: int = 8,
     storage: StorageOptions | None = None,
     device: str | None = None,
+    precision: str | None = None,
 ) -> list[tuple[str, str]]:
     """(file, transcript) for every file, with the published ``adapter`` (local path or ``s3://…``), on ``device``
-    (``cpu``, ``cuda``, ``cuda:1``; default a GPU when there is one: the choice is logged). ``base`` replaces the
-    manifest's base model (unchecked: said in a warning)."""
+    (``cpu``, ``cuda``, ``cuda:1``; default a GPU when there is one) in ``precision`` (default: the adapter's, see
+    ``decoding_precision``); both choices are logged. ``base`` replaces the manifest's base model (unchecked: said
+    in a warning)."""
     location = open_location(adapter, storage)
     manifest, entry = find_entry(location)
     pinned = manifest.base_model
     if base is None:
         try:
-            resolved = resolve_base_model(pinned.id, cache_dir, expected_sha256=pinned.sha256)
+            resolved = resolve_base_model(pinned.id, cache_dir, expected_sha256=pinned.sha256, revision=pinned.revision)
         except ModelMismatch as exc:
             raise PublishedAdapterError(f"the adapter was trained on other weights: {exc}") from None
     else:
@@ -191,12 +206,11 @@ def transcribe_files(
             "" if resolved.sha256 == pinned.sha256 else f" with OTHER weights (sha256 {resolved.sha256[:12]}…)",
         )  # fmt: skip
     target = _device(device)
-    log.info(
-        "transcribing in %s on %s (%s)", entry.language, target, str(inference_dtype(target)).removeprefix("torch.")
-    )
+    chosen = decoding_precision(precision, entry, target)
+    log.info("transcribing in %s on %s (%s)", entry.language, target, chosen)
     featurizer = Featurizer(resolved.path)
     tokenizer = WhisperTokenizer.from_pretrained(resolved.path)
     with tempfile.TemporaryDirectory(prefix="adapter-") as directory:
-        model = load_for_inference(resolved.path, str(verified_copy(location, entry, Path(directory))), target)
+        model = load_for_inference(resolved.path, str(verified_copy(location, entry, Path(directory))), target, chosen)
     texts = transcribe_audio(model, tokenizer, _file_windows(files, featurizer, storage), entry.language, batch_size)
     return [(path, texts.get(index, "")) for index, path in enumerate(files)]

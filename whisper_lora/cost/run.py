@@ -17,7 +17,7 @@ from whisper_lora.cost.project import assumptions, project_instance, workload
 from whisper_lora.cost.report import write_cost_report
 from whisper_lora.data.prepared import split_dir
 from whisper_lora.languages import get_language
-from whisper_lora.models.resolve import resolve_base_model
+from whisper_lora.models.resolve import resolve_model
 from whisper_lora.models.sizes import SIZES, size_of
 from whisper_lora.prepare import ensure_prepared
 from whisper_lora.ray_runtime import init_ray
@@ -54,7 +54,7 @@ def compare_cost(config: JobConfig) -> dict:
     language = config.train_language
     single = config.model_copy(update={"data": config.data.model_copy(update={"languages": [language]})})
     init_ray(config.ray)
-    base = resolve_base_model(config.model.base, config.model.cache_dir)
+    base = resolve_model(config.model)
     ensure_prepared(config)
     gpu = use_gpu(config)
     data_root = training_data(config, base, [language], gpu)

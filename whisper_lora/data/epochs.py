@@ -10,11 +10,14 @@ resumed worker recomputes the same order and skips the micro-batches it already 
 
 Chunks and windows keep reads local: a window touches a bounded set of row groups, which the reader keeps in a
 cache while they fit (``cache_bytes``; a small low-resource split stays whole in memory after the first epoch).
+The cache is never larger than the worker's share of its node's memory (``node_cache_bytes``): trials side by side
+on one node each hold a cache, and a configured size that suits a GPU node would swap a smaller one.
 The next micro-batch is read in a background thread while the current one trains.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -22,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -31,6 +35,23 @@ from whisper_lora.storage import Location
 CHUNK_ROWS = 16
 """Rows that stay neighbours before the window shuffle: small enough to mix a split of a few hundred rows well,
 large enough that a window reads each row group it touches for many of its rows."""
+CACHE_SHARE = 0.5
+"""Of a worker's equal share of its node's available memory, the part its row-group cache may take: the rest is
+for its model, activations and optimizer, which grow after the cache is sized."""
+log = logging.getLogger(__name__)
+
+
+def node_cache_bytes(requested: int, workers_on_node: int, available: int | None = None) -> int:
+    """The row-group cache one worker keeps: ``requested`` (``train.data_cache_mib``), capped at ``CACHE_SHARE`` of
+    the node's ``available`` memory (default: what the OS reports now) divided among the ``workers_on_node``
+    training workers there. Logged when capped."""
+    available = psutil.virtual_memory().available if available is None else available
+    share = int(CACHE_SHARE * available / max(workers_on_node, 1))
+    if requested > share:
+        log.info("row-group cache capped at %d MiB (of %d MiB configured): %d MiB available on this node for %d "
+                 "worker(s)", share >> 20, requested >> 20, available >> 20, workers_on_node)  # fmt: skip
+        return share
+    return requested
 
 
 @dataclass(frozen=True)

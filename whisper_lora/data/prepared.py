@@ -37,15 +37,19 @@ def split_files(directory: str | Path) -> list[tuple[str, int]]:
     return sorted((path.name, path.stat().st_size) for path in Path(directory).glob("*.parquet"))
 
 
-def iter_batches(path: str | Path, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def iter_batches(
+    path: str | Path, batch_size: int, limit: int | None = None, rank: int = 0, world: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of a prepared (or encoded) split, read in this process (evaluation, benchmarks), in ``id`` order:
-    scores then do not depend on how the split was written (a batch's generation cap depends on its rows)."""
+    scores then do not depend on how the split was written. Of the first ``limit`` rows, shard ``rank`` of
+    ``world`` contiguous shards (sizes differ by at most one row; a shard may be empty)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no prepared data at {path}: run `whisper-lora prepare` first")
     dataset = pads.dataset(str(path), format="parquet")
     feature = next(name for name in FEATURE_COLUMNS if name in dataset.schema.names)
     ids = dataset.to_table(columns=["id"]).column("id").to_pylist()
     order = sorted(range(len(ids)), key=ids.__getitem__)[:limit]
+    order = order[len(order) * rank // world : len(order) * (rank + 1) // world]
     for start in range(0, len(order), batch_size):
         yield rows_of(dataset.take(order[start : start + batch_size], columns=[*COLUMNS, feature]), feature)
 

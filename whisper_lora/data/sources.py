@@ -19,6 +19,7 @@ known spelling. A row whose language resolves to nothing is kept as ``unknown_la
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -366,6 +367,20 @@ def _context(source: SourceConfig, language: str | None, languages: list[str], s
     }
 
 
+@contextlib.contextmanager
+def _footers_in_read_tasks() -> Iterator[None]:
+    """``read_parquet`` calls made inside use Ray Data's V1 Parquet reader, which reads footers in its read tasks.
+    Ray 2.60's default (V2) starts a pool of 32 footer-reader actors for every call, and a source is read once per
+    language and split: 192 Python processes for two languages, which a small cluster cannot start (the sweep's
+    prepare step hung on a 3-node dry run). The choice is made when the dataset is created."""
+    context = ray.data.DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = previous
+
+
 def _parquet_split(
     source: SourceConfig, languages: list[str], split: str, limit: int | None, storage: StorageOptions
 ) -> Iterator[ray.data.Dataset]:
@@ -375,9 +390,10 @@ def _parquet_split(
             raise SourceError(f"no Parquet file matches {path}")
         with files[0].open() as handle:
             columns = _columns(source, pq.read_schema(handle).names, language is not None, files[0])
-        dataset = ray.data.read_parquet(
-            [file.path for file in files], filesystem=files[0].fs, columns=columns.wanted, include_paths=True
-        )
+        with _footers_in_read_tasks():
+            dataset = ray.data.read_parquet(
+                [file.path for file in files], filesystem=files[0].fs, columns=columns.wanted, include_paths=True
+            )
         dataset = dataset.map_batches(
             _normalize_parquet_batch,
             fn_kwargs={"columns": columns, "root": files[0], **_context(source, language, languages, split)},

@@ -20,10 +20,12 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from whisper_lora.demo.sentences import CATALOG_PACKAGES, Sentence, catalog_sentences
+from whisper_lora.demo.sentences import CATALOG_PACKAGES, LICENSES, Sentence, catalog_sentences
 from whisper_lora.languages import get_language
 
 CLIP_RATE = 48_000
+DEFAULT_PER_SPLIT = "train=120,dev=20,test=20"
+"""Clips per split and language: over 100 training sentences, where the catalogs have them (fewer scale down)."""
 VOICE_VARIANTS = {
     "train": ("m1", "m2", "m3", "m6", "f1", "f2", "f3", "adam", "linda", "john"),
     "dev": ("m4", "f4", "steph", "robert"),
@@ -78,13 +80,13 @@ def speak(text: str, voice: str, speed: int, pitch: int, out: Path) -> None:
     sf.write(out, (0.9 / peak) * samples, CLIP_RATE, format="MP3")
 
 
-def _license_readme(summary: dict) -> str:
+def _license_readme(summary: dict, packages: list[str]) -> str:
     lines = [
         "# whisper-lora demo corpus",
         "",
         "Synthetic speech (Debian's espeak-ng) of real sentences from translation catalogs shipped in PyPI packages:",
         "",
-        *(f"- {package} ({license_id})" for package, license_id in CATALOG_PACKAGES.items()),
+        *(f"- {package} ({LICENSES[package]})" for package in packages),
         "",
         "Each clip's source catalog is listed in `sources.tsv`. Splits share no sentence and no voice variant.",
         "",
@@ -98,9 +100,7 @@ def _license_readme(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_corpus(
-    out: str | Path, languages: list[str], per_split: str = "train=60,dev=16,test=16", seed: int = 0
-) -> dict:
+def build_corpus(out: str | Path, languages: list[str], per_split: str = DEFAULT_PER_SPLIT, seed: int = 0) -> dict:
     """Write ``out/<lang>/{train,dev,test}.tsv`` + ``clips/*.mp3``; returns clip counts per language and split."""
     if shutil.which("espeak-ng") is None:
         raise CorpusError("espeak-ng is not installed (Debian: apt-get install espeak-ng)")
@@ -114,7 +114,8 @@ def build_corpus(
             sentences = catalog_sentences(language)
             if len(sentences) < len(wanted):
                 raise CorpusError(
-                    f"{code}: only {len(sentences)} catalog sentences (install {', '.join(CATALOG_PACKAGES)})"
+                    f"{code}: only {len(sentences)} catalog sentences "
+                    f"(install {', '.join(package.distribution for package in CATALOG_PACKAGES)})"
                 )
             rng = random.Random(f"{seed}-{code}")
             clips = out / code / "clips"
@@ -151,5 +152,6 @@ def build_corpus(
     with open(out / "sources.tsv", "w", encoding="utf-8") as handle:
         handle.write("clip\tpackage\tcatalog\n")
         handle.writelines(f"{clip}\t{package}\t{catalog}\n" for clip, package, catalog in sources)
-    (out / "README.md").write_text(_license_readme(summary), encoding="utf-8")
+    used = sorted({package for _, package, _ in sources}, key=list(LICENSES).index)
+    (out / "README.md").write_text(_license_readme(summary, used), encoding="utf-8")
     return summary

@@ -26,7 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from whisper_lora.data.epochs import EpochReader, worker_batches
+from whisper_lora.data.epochs import EpochReader, node_cache_bytes, worker_batches
 from whisper_lora.evaluate import score_split
 from whisper_lora.metrics import PRIMARY
 from whisper_lora.storage import open_location
@@ -68,9 +68,19 @@ def _timed(items: Iterable[T]) -> Iterator[tuple[T, float]]:
         yield item, time.perf_counter() - asked
 
 
-def train_reader(plan: WorkerPlan) -> EpochReader:
-    """This worker's reader of the train split."""
-    return EpochReader(open_location(plan.train_dir, plan.storage), plan.train.data_cache_mib * 2**20)
+def train_reader(plan: WorkerPlan, device: torch.device) -> EpochReader:
+    """This worker's reader of the train split, its cache within this worker's share of the node's memory."""
+    cache = node_cache_bytes(plan.train.data_cache_mib * 2**20, _workers_on_node(plan, device))
+    return EpochReader(open_location(plan.train_dir, plan.storage), cache)
+
+
+def _workers_on_node(plan: WorkerPlan, device: torch.device) -> int:
+    """Training workers this node may hold at once, this trial's and others' side by side: one per GPU, or its CPUs
+    over ``train.cpus_per_worker``; at least this run's own workers here."""
+    node = ray.get_runtime_context().get_node_id()
+    resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
+    room = resources.get("GPU", 0) if device.type == "cuda" else resources.get("CPU", 0) / plan.train.cpus_per_worker
+    return max(int(room), ray.train.get_context().get_local_world_size(), 1)
 
 
 def epoch_groups(
@@ -111,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
     logging.getLogger("whisper_lora").setLevel(logging.INFO)  # Ray's worker handlers take INFO; the root is WARNING
     worker = _ray_worker(plan)
     progress = resume(worker)
-    reader = train_reader(plan)
+    reader = train_reader(plan, worker.device)
     since_report: list[StepResult] = []
     since_log = _Window(progress)
     clock = time.perf_counter()
@@ -134,10 +144,13 @@ def train_loop_per_worker(config: dict) -> None:
             # a collective: every rank asks after the same steps (those not followed by an evaluation)
             preempted = not evaluating and ray.train.get_preemption_info() is not None
             if evaluating or (preempted and not saved_for_preemption):
-                progress.train_seconds += time.perf_counter() - clock
+                reporting = time.perf_counter()
+                progress.train_seconds += reporting - clock
                 _report(worker, progress, since_report, evaluating)
                 saved_for_preemption = saved_for_preemption or preempted
-                since_report, clock = [], time.perf_counter()
+                clock = time.perf_counter()
+                since_log.started += clock - reporting  # evaluation and checkpoint: not in the curve's samples/s
+                since_report = []
             if epoch_end or progress.step >= plan.train.max_steps:
                 break
 
@@ -159,6 +172,7 @@ def _report_training(worker: Worker, progress: Progress, window: _Window) -> Non
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     metrics = {
         "report_kind": "train",
+        "node_id": ray.get_runtime_context().get_node_id(),  # Tune keeps rank 0's: where the trial ran (tune.select)
         "step": progress.step,
         "epoch": progress.epoch,
         "loss": statistics.fmean(step.loss for step in window.steps),
@@ -179,8 +193,9 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _evaluate_on_rank0(worker: Worker) -> dict:
-    """Score on the whole eval split, read straight from the prepared Parquet (small; no Ray Data round)."""
+def _evaluate(worker: Worker) -> dict:
+    """Score on the whole eval split, read straight from the prepared Parquet (small; no Ray Data round): every
+    rank decodes its shard and the edit counts are summed across the group, so every rank gets the same scores."""
     plan, inner = worker.plan, unwrap(worker.model)
     inner.config.use_cache = True
     with torch.random.fork_rng(devices=[worker.device] if worker.device.type == "cuda" else []):
@@ -193,6 +208,8 @@ def _evaluate_on_rank0(worker: Worker) -> dict:
             plan.eval.max_utterances,
             3,
             plan.eval.normalizer,
+            worker.rank,
+            worker.world,
         )  # in a forked generator: an evaluation leaves the dropout stream as it found it
     inner.config.use_cache = False
     worker.model.train()
@@ -200,13 +217,14 @@ def _evaluate_on_rank0(worker: Worker) -> dict:
 
 
 def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluating: bool) -> None:
-    """Report the same metrics from every worker; rank 0 evaluates (unless this is a preemption checkpoint) and
-    checkpoints. ``samples_per_second`` counts everything since the start (data included, evaluation not);
-    ``step_seconds`` is the median compute time of an optimizer step since the last report (``steps``), and
-    ``data_wait_seconds`` how long batches kept the loop waiting."""
+    """Report the same metrics from every worker; all evaluate, each its shard of the eval split (unless this is a
+    preemption checkpoint), and rank 0 checkpoints the adapter. ``samples_per_second`` counts everything since the
+    start (data included, evaluation not); ``step_seconds`` is the median compute time of an optimizer step since
+    the last report (``steps``), and ``data_wait_seconds`` how long batches kept the loop waiting."""
     train_seconds = max(progress.train_seconds, 1e-9)
     metrics = {
         "report_kind": "evaluation" if evaluating else "preemption",
+        "node_id": ray.get_runtime_context().get_node_id(),
         "step": progress.step,
         "epoch": progress.epoch,
         "loss": statistics.fmean(step.loss for step in steps),
@@ -220,14 +238,11 @@ def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluat
         "checkpoint_reason": "evaluation" if evaluating else "preemption",
         **worker.facts,
     }
-    if worker.rank != 0:
-        _checkpoint(worker, progress, metrics)
-        return
-    if evaluating:
-        scores = _evaluate_on_rank0(worker)
+    if evaluating:  # a collective: every rank decodes its shard of the eval split
+        scores = _evaluate(worker)
         worker.scores = {key: scores[key] for key in ("wer", "cer", "raw_wer", PRIMARY, "utterances", "normalizer")}
         worker.scores["eval_seconds"] = scores["seconds"]
-    else:
+    elif worker.rank == 0:
         log.warning("node preemption announced: checkpointing at step %d before it goes", progress.step)
     # a preemption checkpoint carries the last evaluation's scores (so Ray's keep-the-best policy keeps it beside
     # that evaluated one), or +inf before any evaluation; selection never picks it (``tune.select``)

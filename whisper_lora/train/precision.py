@@ -6,10 +6,15 @@
 - Larger GPU: bf16 where the card computes it natively (compute capability 8.0 and up: A100, A10G, L4, H100;
   int8 matmuls are several times slower), else fp16 with loss scaling. ``torch.cuda.is_bf16_supported()`` is no
   guide: it counts emulation, so a T4 or V100 answers yes and would train bf16 at a fraction of fp16's speed.
+
+Scores are decoded in the same precision (``scoring_precision``): zero-shot, the trials' dev evaluations and the
+test split all run as the adapters train, int8 weights included on a 16-GiB card, so an improvement measures
+adaptation, not the difference between two quantisations.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,9 +45,15 @@ class Device:
     @classmethod
     def current(cls) -> Device:
         """This process's device: the CUDA device Ray Train assigned it, else the CPU."""
-        if not torch.cuda.is_available():
+        return cls.of(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+
+    @classmethod
+    def of(cls, device: torch.device | str) -> Device:
+        """What ``device`` (``cpu``, ``cuda``, ``cuda:1``) is."""
+        device = torch.device(device)
+        if device.type != "cuda":
             return cls("cpu")
-        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        properties = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
         return cls("cuda", properties.total_memory / 2**30, (properties.major, properties.minor))
 
 
@@ -95,3 +106,29 @@ def choose_precision(requested: Requested, device: Device) -> PrecisionChoice:
         f"GPU with {device.memory_gib:.0f} GiB, compute capability {major}.{minor} (no native bf16): fp16 "
         "with loss scaling",
     )
+
+
+PRECISION_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+"""How manifests before ``scoring_precision`` named a scoring precision (the weights' dtype)."""
+
+
+def scoring_precision(requested: Requested, device: Device) -> PrecisionChoice:
+    """The precision every score of a run is decoded in on ``device``: the one its adapters train in
+    (``choose_precision`` of ``train.precision``), for the base model's zero-shot scores as for the trials' dev
+    evaluations and the test split, so an adapter's improvement over its base compares like with like (int8
+    weights on both sides on a T4, bf16 on an A100, fp32 on CPU)."""
+    choice = choose_precision(requested, device)
+    return PrecisionChoice(choice.precision, f"as the adapters train: {choice.reason}")
+
+
+def recorded_precision(name: str | None) -> Precision | None:
+    """A precision as a manifest records it (``fp32``, or ``float32`` before the names were unified), or None."""
+    name = PRECISION_NAMES.get(name, name) if name else None
+    return name if name in ("int8", "bf16", "fp16", "fp32") else None
+
+
+def device_label(device: torch.device) -> str:
+    """How scores and reports name a device: ``cpu (N cores)`` or ``cuda (<accelerator name>)``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from whisper_lora.data.collate import collate, model_inputs
 from whisper_lora.storage import StorageOptions
 from whisper_lora.train.checkpoint import load_checkpoint, load_rng_states
 from whisper_lora.train.model import count_parameters, load_for_training
-from whisper_lora.train.precision import Device, PrecisionChoice, choose_precision
+from whisper_lora.train.precision import Device, PrecisionChoice, choose_precision, device_label
 
 log = logging.getLogger(__name__)
 Rows = dict[str, np.ndarray]
@@ -111,7 +110,8 @@ class Worker:
     rank: int
     world: int
     facts: dict
-    """Run-constant metrics: parameter counts, language, mode, precision, device."""
+    """Run-constant metrics: parameter counts, language, mode, precision, device. Every report carries them, so an
+    evaluation's scores name the precision and device they were decoded in (``manifest.Scores``)."""
     scores: dict = field(default_factory=dict)
     """The last evaluation's scores; a preemption checkpoint, taken without evaluating, carries them."""
 
@@ -129,7 +129,7 @@ def build_worker(plan: WorkerPlan, device: torch.device, rank: int = 0, world: i
     torch.manual_seed(train.seed)
     if train.torch_threads:
         torch.set_num_threads(train.torch_threads)
-    choice = choose_precision(train.precision, Device.current() if device.type == "cuda" else Device("cpu"))
+    choice = choose_precision(train.precision, Device.of(device))
     if rank == 0:
         log.info("precision %s (%s); %d torch threads", choice.precision, choice.reason, torch.get_num_threads())
     model = load_for_training(
@@ -158,7 +158,7 @@ def build_worker(plan: WorkerPlan, device: torch.device, rank: int = 0, world: i
             "language": plan.language,
             "mode": train.mode,
             "precision": choice.precision,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+            "device": device_label(device),
         },
     )
 

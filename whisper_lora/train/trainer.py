@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -15,8 +14,9 @@ from whisper_lora.config import JobConfig
 from whisper_lora.data.prepared import prepared_dir, split_dir
 from whisper_lora.encode import encode
 from whisper_lora.metrics import PRIMARY
-from whisper_lora.models.resolve import ResolvedModel, resolve_base_model
+from whisper_lora.models.resolve import ResolvedModel, resolve_model
 from whisper_lora.ray_runtime import ray_storage
+from whisper_lora.resources import use_gpu, worker_resources
 from whisper_lora.train.checkpoint import ADAPTER_DIR, checkpoint_order
 from whisper_lora.train.loop import train_loop_per_worker
 from whisper_lora.train.step import WorkerPlan
@@ -78,13 +78,6 @@ def worker_plan(
     )
 
 
-def use_gpu(config: JobConfig) -> bool:
-    """The configured choice, else whether the cluster has GPUs at all."""
-    if config.train.use_gpu is not None:
-        return config.train.use_gpu
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def training_data(config: JobConfig, base: ResolvedModel, languages: list[str], gpu: bool) -> Path:
     """Root of the splits training reads: the prepared log-mel, or with ``train.freeze_encoder`` the cached encoder
     output (computed here for whatever is missing)."""
@@ -94,22 +87,34 @@ def training_data(config: JobConfig, base: ResolvedModel, languages: list[str], 
     return encode(config, base, languages, splits, gpu).resolve()
 
 
-def build_trainer(config: JobConfig, language: str, run_name: str, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(
+    config: JobConfig,
+    language: str,
+    run_name: str,
+    base: ResolvedModel | None = None,
+    callbacks: list | None = None,
+    gpu: bool | None = None,
+) -> TorchTrainer:
     """A ``TorchTrainer`` for one language and adapter shape. Its workers read the prepared (or encoded) train split
     themselves, in the seeded order of ``data.epochs`` (not through Ray Data: ``streaming_split`` hands out blocks in
     no fixed order, so a restarted worker could not skip exactly what it had trained on).
-    ``callbacks``: Train callbacks, e.g. Tune's ``TuneReportCallback`` when a trial runs it."""
-    base = resolve_base_model(config.model.base, config.model.cache_dir)
-    gpu = use_gpu(config)
+    ``base``: the model the job's driver resolved (a path every node reads); None resolves it here, which only the
+    driver may do (a Tune trial runs on any node). ``callbacks``: Train callbacks, e.g. Tune's
+    ``TuneReportCallback`` when a trial runs it. ``gpu``: the driver's choice (``resources.use_gpu``); None decides
+    here. With GPUs the workers request them and wait for them: a cluster without any leaves the run pending."""
+    base = base or resolve_model(config.model)
+    gpu = use_gpu(config) if gpu is None else gpu
     data = training_data(config, base, [language], gpu)
     train_dir = str(split_dir(data, language, config.data.train_split))
     eval_dir = str(split_dir(data, language, config.data.eval_split))
     plan = worker_plan(config, base.path, language, train_rows(config, language), train_dir, eval_dir)
-    resources = {"GPU": 1, "CPU": config.train.cpus_per_worker} if gpu else {"CPU": config.train.cpus_per_worker}
+    cuda, resources = worker_resources(config, gpu)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=config.train.num_workers, use_gpu=cuda, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=run_name,
             **ray_storage(config),

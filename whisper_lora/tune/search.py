@@ -6,6 +6,8 @@ language only: a Tamil CER and a Hindi WER are different scales, so one ASHA bra
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +18,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from whisper_lora.config import JobConfig
 from whisper_lora.metrics import PRIMARY
 
+log = logging.getLogger(__name__)
 METRIC = PRIMARY
 """WER or CER, whichever the language registry names primary: lower is better."""
 
@@ -39,14 +42,29 @@ def trial_config(config: JobConfig, params: Mapping[str, Any]) -> JobConfig:
     return JobConfig.model_validate(tree)
 
 
+def grid_size(config: JobConfig) -> int:
+    """Trials in the sweep: languages × ranks × learning rates (× alphas)."""
+    grid = config.tune
+    return math.prod(map(len, (config.data.languages, grid.ranks, grid.learning_rates, grid.alphas or [None])))
+
+
 def max_concurrent_trials(config: JobConfig, resources: Mapping[str, float], gpu: bool) -> int:
-    """Trials that fit side by side: GPUs / workers per trial; on CPU, real cores / workers (torch threads
-    compete for cores; Ray's logical CPUs here are inflated to keep Ray Data from deadlocking)."""
+    """Trials run side by side: ``tune.max_concurrent_trials`` when set. With GPUs requested, no cap: what the
+    cluster holds at start says nothing of what an autoscaler will add (a cluster may start with no GPU node), and
+    a trial whose workers find no GPU waits (its placement group queues). On CPU, real cores / workers (torch
+    threads compete for cores; Ray's logical CPUs here are inflated to keep Ray Data from deadlocking)."""
     if config.tune.max_concurrent_trials:
         return config.tune.max_concurrent_trials
     workers = config.train.num_workers
     if gpu:
-        return max(1, int(resources.get("GPU", 0)) // workers)
+        trials = grid_size(config)
+        have = int(resources.get(config.train.gpu_resource, 0))
+        log.info(
+            "%d trials may start at once (tune.max_concurrent_trials unset): each waits for %d %s, the cluster has "
+            "%d now; the rest queue until an autoscaler adds nodes or trials finish",
+            trials, workers, config.train.gpu_resource, have,
+        )  # fmt: skip
+        return trials
     cores = int(resources.get("CPU", 1)) if config.ray.address else min(os.cpu_count() or 1, int(resources["CPU"]))
     threads = config.train.torch_threads or 1
     return max(1, cores // (workers * threads))

@@ -3,7 +3,8 @@ smaller rank (fewer parameters, same quality), then the lower learning rate. Wit
 checkpoint that still exists (Ray keeps only ``train.checkpoints_to_keep``), in the order Ray's own keep policy
 uses (``train.checkpoint.checkpoint_order``); checkpoints taken for a preemption carry no score of their own and
 are never selected. Training rows (``report_kind: "train"``: loss and learning rate, no checkpoint, no primary
-metric; NaN in Tune's table) only draw the trial's curve, its ``history``."""
+metric; NaN in Tune's table) only draw the trial's curve, its ``history``. Every report names the node of the Train
+run's rank 0 (``node_id``): a trial's ``nodes`` say where it ran, and where it moved after a restart."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class TrialOutcome:
     error: str | None = None
     history: list[HistoryPoint] = field(default_factory=list)
     """The trial's curve: training loss and learning rate, and each evaluation's primary metric, by step."""
+    nodes: list[str] = field(default_factory=list)
+    """Ray node ids the trial's rank 0 reported from, in order of first report."""
 
     @property
     def failed(self) -> bool:
@@ -64,6 +67,7 @@ class TrialOutcome:
             best_step=self.best.step if self.best else None,
             error=self.error,
             history=self.history,
+            nodes=self.nodes,
         )
 
 
@@ -128,6 +132,12 @@ def history_of(reports: Iterable[Mapping[str, Any]], limit: int = MAX_HISTORY) -
     return sorted(evaluations + training, key=lambda p: (p.step, p.primary is not None))
 
 
+def nodes_of(reports: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The distinct ``node_id`` values of ``reports``, in order of first appearance (reports from before node ids
+    were reported have none: NaN in Tune's table)."""
+    return list(dict.fromkeys(r["node_id"] for r in reports if isinstance(r.get("node_id"), str) and r["node_id"]))
+
+
 def trial_outcome(
     trial_id: str,
     params: dict,
@@ -147,6 +157,7 @@ def trial_outcome(
         checkpoint=best["checkpoint_path"] if best else None,
         error=error,
         history=history_of(reports),
+        nodes=nodes_of(reports),
     )
 
 
@@ -186,6 +197,8 @@ def selected_adapter(
         cer=best.cer,
         raw_wer=best.raw_wer,
         normalizer=best.normalizer,
+        precision=best.precision,
+        device=best.device,
         zero_shot=zero_shot,
         eval=EvalSet(split=eval_split, utterances=best.utterances),
         rank=outcome.rank,

@@ -10,6 +10,11 @@ storage, tracking, ...). The list names exclusions, so a field added to the conf
 until someone declares otherwise here. Fields at their default value are left out: adding a field whose default
 keeps today's behaviour renames no sweep (the flip side: changing a default in code, like any code change, does
 not rename one either).
+
+Tune's own state (``tuner.pkl``, trial states: pickles) lives on the driver's disk, ``tune.state_dir``; with
+``WHISPER_LORA_STATE_KEY`` set it is mirrored, signed, beside the checkpoints, and a driver that lost its disk
+resumes from that mirror only once it verifies (``tune/state.py``). Train's checkpoints stay in
+``train.storage_path``: Tune only receives their paths.
 """
 
 from __future__ import annotations
@@ -18,16 +23,27 @@ import hashlib
 import json
 import logging
 import re
+import time
+from pathlib import Path
 
 import ray
 from ray import tune
 
 from whisper_lora.config import JobConfig
 from whisper_lora.console import TrialProgress
-from whisper_lora.ray_runtime import ray_storage
-from whisper_lora.storage import Location
+from whisper_lora.models.resolve import ResolvedModel, resolve_model
+from whisper_lora.storage import Location, StorageOptions, open_location
 from whisper_lora.tune.search import max_concurrent_trials, param_space, scheduler
 from whisper_lora.tune.select import TrialOutcome, trial_outcome
+from whisper_lora.tune.state import (
+    KEY_ENV,
+    MIRROR_DIR,
+    has_mirror,
+    read_snapshot,
+    restore_mirror,
+    state_key,
+    write_mirror,
+)
 from whisper_lora.tune.tracking import only_listed_loggers, tracking_callbacks
 from whisper_lora.tune.trainable import train_trial
 
@@ -35,6 +51,8 @@ log = logging.getLogger(__name__)
 TRIAL_DRIVER = {"CPU": 0.01}
 """A trial's own process only launches its Train run: a whole CPU for it starves the Train workers on small
 machines (they never start); zero is not a valid request."""
+MIRROR_EVERY_S = 30.0
+"""Seconds between two mirrors of Tune's state while a sweep runs (each uploads only the files that changed)."""
 
 
 NOT_IDENTITY: dict[str, str] = {
@@ -52,10 +70,11 @@ NOT_IDENTITY: dict[str, str] = {
     "train.log_every_steps": "how often the training curve is reported",
     "train.checkpoints_to_keep": "Ray keeps the best by the primary metric, so the selected one survives either way",
     "train.max_failures": "retries",
-    "train.storage_path": "where checkpoints and the sweep live",
+    "train.storage_path": "where checkpoints and the sweep's signed mirror live",
     "eval.batch_size": "greedy decoding batches (fixed-length 30 s inputs and forced prompts)",
     "tune.max_concurrent_trials": "scheduling",
     "tune.trial_max_failures": "retries",
+    "tune.state_dir": "where the driver keeps Tune's own state",
     "publish": "where the selection goes",
     "cost": "the full-vs-LoRA comparison, another job",
     "ray": "where Ray runs",
@@ -91,21 +110,79 @@ def sweep_name(config: JobConfig) -> str:
     return f"{config.experiment}-tune-{digest}"
 
 
-def run_sweep(config: JobConfig, gpu: bool) -> tune.ResultGrid:
-    """Run (or resume) the sweep ``config`` names and wait for it. A resumed sweep logs with the current
-    ``tracking`` section; Tune restores its own concurrency limit with its search state."""
-    storage = ray_storage(config)
+def state_dir(config: JobConfig) -> Path:
+    """Where this driver keeps Tune's state: ``tune.state_dir``, else ``<run_dir>/tune``."""
+    return Path(config.tune.state_dir or config.run_dir / "tune").expanduser().resolve()
+
+
+class MirrorTuneState(tune.Callback):
+    """Mirrors the driver's Tune state to its signed prefix (``tune/state.py``): at most every ``MIRROR_EVERY_S``
+    while the sweep runs, and once more when it ends (after Tune's last, awaited write). The key is read from the
+    environment each time and never kept: Tune pickles its callbacks into the very state being mirrored."""
+
+    def __init__(self, experiment: Path, mirror: str, options: StorageOptions, sweep: str, stored: set[str]) -> None:
+        self.experiment, self.mirror_uri, self.options, self.sweep = str(experiment), mirror, options, sweep
+        self.stored = set(stored)
+        self.last = 0.0
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if time.monotonic() - self.last >= MIRROR_EVERY_S:
+            self.mirror()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.mirror(final=True)
+
+    def mirror(self, final: bool = False) -> None:
+        """One mirror of the state as it is now; a failure is a warning (the sweep goes on, the previous mirror
+        stays whole) and a file Tune was writing is taken at the next step."""
+        self.last = time.monotonic()
+        files, key = read_snapshot(Path(self.experiment)), state_key()
+        if not files or key is None:
+            if final and files is None:
+                log.warning("Tune's state changed while it was read: its mirror %s is one step older", self.mirror_uri)
+            return
+        try:
+            mirror = open_location(self.mirror_uri, self.options)
+            self.stored = write_mirror(mirror, self.sweep, files, key, self.stored)
+        except OSError as exc:
+            log.warning("could not mirror Tune's state to %s (the previous mirror stays): %s", self.mirror_uri, exc)
+
+
+def prepare_state(config: JobConfig, name: str) -> tuple[bool, MirrorTuneState | None]:
+    """Whether the sweep resumes, and the callback that mirrors its state (None without a key). Tune resumes from
+    the driver's own state dir; a dir without state is first filled from the signed mirror, once verified
+    (``TuneStateRejected`` when it does not verify, before anything in it is loaded); else the sweep starts."""
+    experiment = state_dir(config) / name
+    mirror = open_location(config.train.storage_path, config.storage).join(name, MIRROR_DIR)
+    key, stored = state_key(), set()
+    resume = tune.Tuner.can_restore(str(experiment))
+    if not resume and has_mirror(mirror):
+        stored = restore_mirror(mirror, experiment, name, key)
+        resume = True
+    elif not resume and mirror.parent.join("tuner.pkl").exists():
+        log.warning("%s holds unsigned Tune state of an earlier version: not loaded (it could run code in this "
+                    "driver); the sweep starts again", mirror.parent.uri)  # fmt: skip
+    if key is None:
+        log.info("%s is not set: Tune's state stays in %s on this driver only (a resume needs this disk)",
+                 KEY_ENV, experiment)  # fmt: skip
+        return resume, None
+    return resume, MirrorTuneState(experiment, mirror.uri, config.storage, name, stored)
+
+
+def run_sweep(config: JobConfig, gpu: bool, base: ResolvedModel | None = None) -> tune.ResultGrid:
+    """Run (or resume) the sweep ``config`` names and wait for it. Its state is checked before anything of Ray
+    (``prepare_state``). A resumed sweep logs with the current ``tracking`` section; Tune restores its own
+    concurrency limit with its search state. ``base``: the model this driver resolved (resolved here when None),
+    handed to every trial with ``gpu``: trials run on any node and resolve nothing themselves."""
     name = sweep_name(config)
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, config=config.model_dump(mode="json")), TRIAL_DRIVER
-    )
-    callbacks = [*tracking_callbacks(config, name), TrialProgress()]
-    path = f"{storage['storage_path']}/{name}"
-    if tune.Tuner.can_restore(path, storage["storage_filesystem"]):
+    path = str(state_dir(config) / name)
+    resume, mirror = prepare_state(config, name)
+    shared = {"config": config.model_dump(mode="json"), "base": base or resolve_model(config.model), "gpu": gpu}
+    trainable = tune.with_resources(tune.with_parameters(train_trial, **shared), TRIAL_DRIVER)
+    callbacks = [*tracking_callbacks(config, name), TrialProgress(), *([mirror] if mirror else [])]
+    if resume:
         log.info("resuming sweep %s (with the concurrency it started with)", path)
-        tuner = tune.Tuner.restore(
-            path, trainable, resume_errored=True, storage_filesystem=storage["storage_filesystem"]
-        )
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
         _log_with(tuner, callbacks)
     else:
         concurrency = max_concurrent_trials(config, ray.cluster_resources(), gpu)
@@ -116,7 +193,7 @@ def run_sweep(config: JobConfig, gpu: bool) -> tune.ResultGrid:
             tune_config=tune.TuneConfig(scheduler=scheduler(config), max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
                 name=name,
-                **storage,
+                storage_path=str(state_dir(config)),
                 failure_config=tune.FailureConfig(max_failures=config.tune.trial_max_failures),
                 callbacks=callbacks,
                 verbose=0,  # TrialProgress prints a line per trial event instead of Tune's boxes and tables
