@@ -31,6 +31,7 @@ from transformers import WhisperForConditionalGeneration
 from whisper_lora.config import JobConfig
 from whisper_lora.data.collate import stack_features
 from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir, split_dir, split_files
+from whisper_lora.data.sources import footers_in_read_tasks
 from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.resources import gpu_count, task_options
 
@@ -120,10 +121,11 @@ def encode(config: JobConfig, model: ResolvedModel, languages: list[str], splits
     prepared = prepared_dir(config).resolve()
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    dataset = ray.data.read_parquet(
-        [str(split_dir(prepared, language, split)) for language, split, _ in pending],
-        partitioning=Partitioning("hive", base_dir=str(prepared)),
-    )
+    with footers_in_read_tasks():
+        dataset = ray.data.read_parquet(
+            [str(split_dir(prepared, language, split)) for language, split, _ in pending],
+            partitioning=Partitioning("hive", base_dir=str(prepared)),
+        )
     plan = encode_actors(use_gpu, gpu_count(config))
     # Small blocks, so every actor gets work (a prepared split is often one file, read as one block).
     dataset.repartition(target_num_rows_per_block=ENCODE_BATCH).map_batches(

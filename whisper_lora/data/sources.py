@@ -368,7 +368,7 @@ def _context(source: SourceConfig, language: str | None, languages: list[str], s
 
 
 @contextlib.contextmanager
-def _footers_in_read_tasks() -> Iterator[None]:
+def footers_in_read_tasks() -> Iterator[None]:
     """``read_parquet`` calls made inside use Ray Data's V1 Parquet reader, which reads footers in its read tasks.
     Ray 2.60's default (V2) starts a pool of 32 footer-reader actors for every call, and a source is read once per
     language and split: 192 Python processes for two languages, which a small cluster cannot start (the sweep's
@@ -390,7 +390,7 @@ def _parquet_split(
             raise SourceError(f"no Parquet file matches {path}")
         with files[0].open() as handle:
             columns = _columns(source, pq.read_schema(handle).names, language is not None, files[0])
-        with _footers_in_read_tasks():
+        with footers_in_read_tasks():
             dataset = ray.data.read_parquet(
                 [file.path for file in files], filesystem=files[0].fs, columns=columns.wanted, include_paths=True
             )
