@@ -245,7 +245,8 @@ class Cluster:
 
     def start_worker(self, name: str) -> None:
         """A worker node in its own mount namespace: tmpfs over /tmp, HOME, the HF cache and the head's Ray temp
-        dir; the shared directory bind-mounted back in; then ``ray start`` offering the stand-in GPU."""
+        dir; the checkout (code and .venv: the image) and the shared directory bind-mounted back in where a tmpfs
+        hid them; then ``ray start`` offering the stand-in GPU."""
         env = self.node_env(name)
         private = [env["HOME"], env["HF_HOME"], str(self.head_dir / "ray")]
         q = shlex.quote
@@ -256,10 +257,14 @@ class Cluster:
                                                f"--resources={resources}"])  # fmt: skip
             script = "\n".join([
                 "set -e",
-                "mount -t tmpfs dry-run-stash /mnt && mkdir /mnt/shared",
+                "mount -t tmpfs dry-run-stash /mnt && mkdir /mnt/shared /mnt/repo",
                 f"mount --bind {q(str(self.shared))} /mnt/shared",
+                f"mount --bind {q(str(REPO))} /mnt/repo",
                 "mount -t tmpfs dry-run-tmp /tmp",
                 *[f"mkdir -p {q(path)} && mount -t tmpfs dry-run-private {q(path)}" for path in private],
+                # the checkout and its .venv stand for the image every node runs: back in when a tmpfs hid it
+                f"[ -d {q(str(REPO / 'whisper_lora'))} ] || {{ mkdir -p {q(str(REPO))} && "
+                f"mount --move /mnt/repo {q(str(REPO))}; }}",
                 f"mkdir -p {q(str(self.shared))} && mount --move /mnt/shared {q(str(self.shared))}",
                 f"cd {q(str(REPO))}",
                 "exec " + " ".join(q(arg) for arg in ray_start),
