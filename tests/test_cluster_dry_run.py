@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,16 @@ pytestmark = [
 def test_the_sweep_survives_a_killed_worker_node_on_an_isolated_local_cluster(tmp_path):
     pytest.importorskip("moto.server")
     report_file = tmp_path / "report.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "cluster" / "dry_run.py"), "--workdir", str(tmp_path / "work"),
-         "--report", str(report_file)],
-        capture_output=True, text=True, timeout=1400,
-    )  # fmt: skip
+    # a short work dir: Ray's session sockets live under it, and an AF_UNIX path is at most 107 bytes
+    work = Path(tempfile.mkdtemp(prefix="dry-", dir="/tmp"))
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "cluster" / "dry_run.py"), "--workdir", str(work),
+             "--report", str(report_file)],
+            capture_output=True, text=True, timeout=1400,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     assert report_file.is_file(), result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(report_file.read_text())
     failed = [name for name, ok in report["expectations"].items() if not ok]
