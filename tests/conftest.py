@@ -36,23 +36,14 @@ def ct2_files() -> dict[str, Path]:
 def tiny_model_dir(tmp_path_factory, ct2_files) -> str:
     """A random-weights Whisper small enough to train a step in ~0.15 s, with the real tokenizer."""
     import torch
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from whisper_lora.models.ctranslate2 import build_tokenizer, generation_config
+    from whisper_lora.models.sizes import TINY_RANDOM, config_of
 
     ct2_config = json.loads(ct2_files["config.json"].read_text())
-    config = WhisperConfig(
-        vocab_size=51865,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=256,
-        decoder_ffn_dim=256,
-        num_mel_bins=80,
-        suppress_tokens=ct2_config["suppress_ids"],
-        begin_suppress_tokens=ct2_config["suppress_ids_begin"],
+    config = config_of(
+        TINY_RANDOM, suppress_tokens=ct2_config["suppress_ids"], begin_suppress_tokens=ct2_config["suppress_ids_begin"]
     )
     out = tmp_path_factory.mktemp("tiny-whisper")
     model = WhisperForConditionalGeneration(config)

@@ -19,11 +19,20 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
+TINY_RANDOM: dict[str, int] = {"d_model": 64, "layers": 2, "heads": 2, "ffn": 256, "vocab": 51865, "mels": 80}
+"""No released size: a random Whisper that trains a step in ~0.15 s on CPU, with the real vocabulary (tests, the
+cluster dry run, ``gpu_check --tiny``)."""
+
+
 def whisper_config(size: str) -> WhisperConfig:
     """The architecture of a released Whisper size."""
     if size not in SIZES:
         raise ValueError(f"unknown Whisper size {size!r}: known sizes are {', '.join(SIZES)}")
-    shape = SIZES[size]
+    return config_of(SIZES[size])
+
+
+def config_of(shape: dict[str, int], **extra) -> WhisperConfig:
+    """A ``WhisperConfig`` of ``shape`` (keys as in ``SIZES``); ``extra``: further config fields."""
     return WhisperConfig(
         vocab_size=shape["vocab"],
         num_mel_bins=shape["mels"],
@@ -36,6 +45,7 @@ def whisper_config(size: str) -> WhisperConfig:
         decoder_ffn_dim=shape["ffn"],
         max_source_positions=ENCODER_POSITIONS,
         max_target_positions=448,
+        **extra,
     )
 
 
