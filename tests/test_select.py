@@ -132,3 +132,17 @@ def test_a_trial_lists_the_nodes_it_reported_from_in_order():
     result = trial_outcome("t", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None)
     assert result.nodes == ["node-a", "node-b"] and result.summary().nodes == ["node-a", "node-b"]
     assert trial_outcome("u", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, rows, None).nodes == []
+
+
+def test_a_failed_trial_is_named_by_its_innermost_error_not_rays_wrappers():
+    import ray.exceptions
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from whisper_lora.tune.sweep import error_summary
+
+    cause = ValueError("ta: 1 training rows cannot give each of 1 workers")
+    wrapped = ray.exceptions.RayTaskError("train", "Traceback ...\x1b[36mray::ImplicitFunc.train()\x1b[39m", cause)
+    assert error_summary(wrapped.as_instanceof_cause()) == "ValueError: ta: 1 training rows cannot give each of 1 workers"
+    group = WorkerGroupError("Training failed due to worker errors", {1: RuntimeError("rank 1"), 0: KeyError("rank 0")})
+    assert error_summary(ControllerError(group)) == "KeyError: 'rank 0'"
+    assert error_summary(MemoryError()) == "MemoryError"

@@ -221,6 +221,32 @@ def _trial_id(result) -> str:
     return match.group(1) if match else result.path.rsplit("/", 1)[-1]
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_summary(error: BaseException) -> str:
+    """What failed a trial, in one line a manifest reader can act on: the innermost exception under Ray's wrappers
+    (a task error's cause, a worker group's first failing rank, a controller's failure), not their tracebacks."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        inner = (
+            getattr(error, "cause", None)
+            or (failures[min(failures)] if failures else None)
+            or getattr(error, "controller_failure", None)
+            or error.__cause__
+        )
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    name = type(error).__name__
+    if name.startswith("RayTaskError(") and name.endswith(")"):
+        name = name[len("RayTaskError(") : -1]
+    message = _ANSI.sub("", str(error)).strip()
+    return f"{name}: {message}" if message else name
+
+
 def outcomes_of(grid: tune.ResultGrid, train_storage: Location) -> list[TrialOutcome]:
     """Every trial's outcome; its best report is one whose checkpoint Ray still keeps in ``train_storage``."""
 
@@ -231,6 +257,6 @@ def outcomes_of(grid: tune.ResultGrid, train_storage: Location) -> list[TrialOut
     for result in grid:
         frame = result.metrics_dataframe
         reports = frame.to_dict("records") if frame is not None else []
-        error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"
+        error = None if result.error is None else error_summary(result.error)
         outcomes.append(trial_outcome(_trial_id(result), result.config, reports, error, exists))
     return outcomes
