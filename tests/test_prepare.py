@@ -6,7 +6,9 @@ import pytest
 
 from tests.builders import write_clip, write_common_voice
 from whisper_lora.cli import main
+from whisper_lora.config import load_config
 from whisper_lora.data.prepared import iter_batches, split_dir
+from whisper_lora.prepare import ensure_prepared
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 SENTENCE = "यह एक छोटा वाक्य है"
@@ -40,6 +42,11 @@ def test_prepare_writes_partitions_and_stats_then_zero_shot_scores(ray_local, ti
     assert sum(len(b["id"]) for b in batches) == 5
     assert [f.shape for f in batches[0]["input_features"]] == [(80, 102), (80, 122)]
     assert list(iter_batches(split_dir(prepared, "hi", "train"), batch_size=2, limit=3))[-1]["id"].size == 1
+
+    reused = ensure_prepared(load_config(None, overrides))
+    assert reused == stats  # same config, model and source files
+    write_clip(clips / "c0.mp3", 3.0)  # the corpus changes at the same path
+    assert ensure_prepared(load_config(None, overrides))["source_fingerprint"] != stats["source_fingerprint"]
 
     assert main(["evaluate", *overrides, "eval.batch_size=2"]) == 0
     scores = json.loads((tmp_path / "runs" / "t" / "scores_test_zero-shot.json").read_text())

@@ -91,3 +91,29 @@ def test_sources_and_audio_on_s3_use_the_configured_endpoint(ray_local, tmp_path
         [row] = read_source(config.data, ["train"], config.storage).take_all()
         assert row["audio_path"] == "s3://models/corpus/hi/clips/a.mp3", kind
         assert np.allclose(load_audio(open_location(row["audio_path"], config.storage)), audio)
+
+
+def test_a_corpus_rebuilt_at_the_same_path_has_another_fingerprint(tmp_path, s3_endpoint):
+    from whisper_lora.data.sources import source_fingerprint
+
+    def corpus(root, sentence: str, seconds: float) -> None:
+        write_clip(root / "hi" / "clips" / "a.mp3", seconds)
+        write_common_voice(root, "hi", {"train": [("a.mp3", sentence)], "dev": [], "test": []})
+
+    corpus(tmp_path / "local", "एक दो", 1.0)
+    config = load_config(None, [f"data.source.path={tmp_path}/local", "data.languages=hi"])
+    fingerprint = source_fingerprint(config.data, ["train", "dev"])
+    assert source_fingerprint(config.data, ["train", "dev"]) == fingerprint  # nothing changed
+    other_language = load_config(None, [f"data.source.path={tmp_path}/local", "data.languages=mr"])
+    assert source_fingerprint(other_language.data, ["train", "dev"]) != fingerprint
+    corpus(tmp_path / "local", "एक दो तीन", 1.5)  # rebuilt: other sentences, other audio
+    assert source_fingerprint(config.data, ["train", "dev"]) != fingerprint
+
+    _upload(tmp_path / "local", s3_endpoint)  # s3://models/corpus/hi/...
+    remote = load_config(None, ["data.source.path=s3://models/corpus", "data.languages=hi"]).data
+    options = StorageOptions(s3_endpoint=s3_endpoint)
+    on_s3 = source_fingerprint(remote, ["train"], options)
+    assert source_fingerprint(remote, ["train"], options) == on_s3
+    corpus(tmp_path / "local", "एक", 2.0)
+    _upload(tmp_path / "local", s3_endpoint)
+    assert source_fingerprint(remote, ["train"], options) != on_s3

@@ -15,6 +15,7 @@ import ray
 
 from whisper_lora.config import JobConfig
 from whisper_lora.data.pipeline import featurize
+from whisper_lora.data.sources import source_fingerprint
 from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir
 from whisper_lora.data.stats import StatsCollector
 from whisper_lora.models.resolve import resolve_model
@@ -27,10 +28,11 @@ def prepare(config: JobConfig) -> dict:
     """Featurize train/eval/test splits of every configured language; returns what ``stats.json`` holds."""
     model = resolve_model(config.model)
     init_ray(config.ray)
-    splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split, config.data.test_split]))
+    splits = _splits(config)
     out = prepared_dir(config)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    fingerprint = source_fingerprint(config.data, splits, config.storage)  # before reading: a later edit re-prepares
     collector = StatsCollector.remote()
     started = time.perf_counter()
     dataset = featurize(config.data, model.path, splits, collector, config.storage)
@@ -41,6 +43,7 @@ def prepare(config: JobConfig) -> dict:
     stats["audio_seconds_per_second"] = round(stats["total"]["audio_seconds_in"] / elapsed, 2)
     stats["model"] = {"path": model.path, "spec": model.spec, "sha256": model.sha256}
     stats["data"] = config.data.model_dump(mode="json")
+    stats["source_fingerprint"] = fingerprint
     (staging / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -50,13 +53,21 @@ def prepare(config: JobConfig) -> dict:
     return stats
 
 
+def _splits(config: JobConfig) -> list[str]:
+    return list(dict.fromkeys([config.data.train_split, config.data.eval_split, config.data.test_split]))
+
+
 def ensure_prepared(config: JobConfig) -> dict:
-    """The prepared stats, running ``prepare`` first unless the same data config and model prepared them."""
+    """The prepared stats, running ``prepare`` first unless the same data config, source files (``stats.json``'s
+    ``source_fingerprint``) and model prepared them."""
     stats_file = prepared_dir(config) / "stats.json"
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text(encoding="utf-8"))
         model = resolve_model(config.model)
-        if stats.get("data") == config.data.model_dump(mode="json") and stats["model"]["sha256"] == model.sha256:
+        same = stats.get("data") == config.data.model_dump(mode="json") and stats["model"]["sha256"] == model.sha256
+        if same and stats.get("source_fingerprint") == source_fingerprint(config.data, _splits(config), config.storage):
             log.info("reusing prepared data in %s", stats_file.parent)
             return stats
+        if same:
+            log.info("the source files changed since %s was prepared: preparing again", stats_file.parent)
     return prepare(config)

@@ -156,6 +156,17 @@ class Location:
                        key=lambda info: info.path)  # fmt: skip
         return [self.join(info.path[len(self.path.rstrip("/")) + 1 :]) for info in infos]
 
+    def inventory(self) -> list[tuple[str, int, int | None]]:
+        """(path, bytes, modification time in ns; None where the store gives none) of this file, or of every file
+        below this directory, sorted: what tells a changed input from an unchanged one without reading it."""
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.File:
+            infos = [info]
+        else:
+            selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+            infos = [info for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
+        return sorted((info.path, info.size, info.mtime_ns) for info in infos)
+
     @contextmanager
     def open(self) -> Iterator[pafs.NativeFile]:
         """A seekable reader (soundfile, pyarrow and json read from it as from a local file)."""

@@ -442,6 +442,27 @@ def _saved_split(
         yield dataset.limit(limit) if limit is not None else dataset
 
 
+def source_fingerprint(data: DataConfig, splits: list[str], storage: StorageOptions | None = None) -> str:
+    """sha256 of the inventory (path, bytes, modification time) of every file the configured languages' ``splits``
+    are read from: a corpus rebuilt or edited at the same path changes it, so shards prepared from the old one are
+    not reused. Common Voice: each language's directory (TSVs and clips); the other kinds: the files each split's
+    path names. A manifest's audio files, which may live anywhere, are not listed: edit the manifest (or rename it)
+    when the audio changes."""
+    source, storage = data.source, storage or StorageOptions()
+    if source.kind == "common_voice":
+        root = open_location(source.path, storage)
+        locations = [root.join(directory) for lang in data.languages for _, directory in
+                     _language_paths("{lang}", source, [lang], "")]  # fmt: skip
+    else:
+        patterns = [path for split in splits for _, path in _language_paths(source.path, source, data.languages, split)]
+        locations = [file for pattern in dict.fromkeys(patterns) for file in expand(pattern, storage)]
+    digest = hashlib.sha256()
+    for location in locations:
+        for path, size, mtime_ns in location.inventory():
+            digest.update(f"{path}\t{size}\t{mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def read_source(data: DataConfig, splits: list[str], storage: StorageOptions | None = None) -> ray.data.Dataset:
     """All rows of ``splits`` for the configured languages, one lazily-read dataset; files are opened through
     ``storage`` (a local or NFS path, ``s3://``, ``hf://``, or any other location ``whisper_lora.storage`` opens)."""
