@@ -15,8 +15,8 @@ import ray
 
 from whisper_lora.config import JobConfig
 from whisper_lora.data.pipeline import featurize
-from whisper_lora.data.sources import source_fingerprint
 from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir
+from whisper_lora.data.sources import source_fingerprint
 from whisper_lora.data.stats import StatsCollector
 from whisper_lora.models.resolve import resolve_model
 from whisper_lora.ray_runtime import init_ray
