@@ -101,6 +101,89 @@ def two_worker_corpus(ray_local, tiny_model_dir, tmp_path_factory) -> list[str]:
     return overrides
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (SQLite backend, artifacts in a tmp dir); its URI. Started in its
+    own process group, which is stopped whatever happens."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.builders import free_port
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server_log = root / "server.log"
+    with open(server_log, "wb") as output:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--default-artifact-root", str(root / "artifacts")],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{server_log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tracked_job(ray_local, tiny_model_dir, mlflow_server, tmp_path_factory):
+    """The main job (``tune_languages``, in-process) on hi and ta, one rank (2 trials, 4 steps, a training row every
+    step, an evaluation every 2 steps and at epoch ends), tracked on the MLflow server. The test split has its own
+    utterances, a different count from dev's. One run serves the tests of its scores (test_job_scores) and of its
+    tracking (test_tracking): the whole job is the slow part of both. Returns its config file, config, manifest,
+    corpus sentences by language and MLflow URI."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from tests.builders import write_clip, write_common_voice
+    from whisper_lora.config import load_config
+    from whisper_lora.job import tune_languages
+
+    sentences = {"hi": ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह"], "ta": ["ஒன்று இரண்டு", "மூன்று நான்கு", "ஐந்து"]}
+    root = tmp_path_factory.mktemp("job")
+    for language, texts in sentences.items():
+        rows = []
+        for index, sentence in enumerate(texts):
+            write_clip(root / "cv" / language / "clips" / f"{language}{index}.mp3", 1.0 + 0.2 * index)
+            rows.append((f"{language}{index}.mp3", sentence))
+        write_common_voice(root / "cv", language, {"train": rows, "dev": rows[:2], "test": rows[1:]})
+    overrides = [
+        f"data.source.path={root}/cv", "data.languages=hi,ta", f"model.base={tiny_model_dir}",
+        f"model.cache_dir={root}/models", f"output_dir={root}/runs", f"train.storage_path={root}/ray",
+        f"publish.storage={root}/published", "experiment=scores", "train.batch_size=2", "train.max_steps=4",
+        "train.warmup_steps=1", "train.learning_rate=1e-2", "train.gradient_checkpointing=false",
+        "train.freeze_encoder=true", "train.log_every_steps=1", "train.eval_every_steps=2", "eval.batch_size=2",
+        "tune.ranks=2", "tracking.mlflow=true", f"tracking.mlflow_tracking_uri={mlflow_server}",
+    ]  # fmt: skip
+    config_file = root / "job.yaml"
+    config_file.write_text(yaml.safe_dump(load_config(None, overrides).model_dump(mode="json")))
+    config = load_config(config_file)
+    manifest = tune_languages(config)
+    return SimpleNamespace(
+        config_file=config_file, config=config, manifest=manifest, sentences=sentences, mlflow=mlflow_server
+    )
+
+
 @pytest.fixture
 def s3_endpoint():
     """An S3 server on loopback (moto in server mode) with an empty bucket ``models``; yields its URL. Only the

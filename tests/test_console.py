@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from whisper_lora.console import RayDataProgress, TrialProgress, quiet, table
+from tests.builders import TRIAL_TIME, outcome
+from whisper_lora.console import RayDataProgress, TrialProgress, quiet, table, time_lines
+from whisper_lora.manifest import BaseModelRecord, Manifest
 
 
 def _records(lines: list[str]) -> list[logging.LogRecord]:
@@ -85,6 +87,8 @@ def test_trial_progress_prints_one_line_per_event_and_the_table(capsys):
         trial,
         {"report_kind": "evaluation", "step": 10, "loss": 1.5, "wer": 0.5, "cer": 0.2, "primary": 0.5},
     )
+    # the trial's clock: nothing a person reads while it runs
+    progress.on_trial_result(0, [trial], trial, {"report_kind": "trial_time", "trainable_started": 1.0})
     progress.on_trial_complete(0, [trial], trial)
     trial.status = "TERMINATED"
     progress.on_experiment_end([trial])
@@ -97,6 +101,17 @@ def test_trial_progress_prints_one_line_per_event_and_the_table(capsys):
     ]
     assert lines[4].split() == ["trial", "configuration", "status", "step", "wer", "cer", "primary"]
     assert lines[6].split() == ["t1", "hi", "r=4", "lr=0.001", "TERMINATED", "10", "0.500", "0.200", "0.500"]
+
+
+def test_the_summary_splits_each_trials_time_in_one_line():
+    trials = [outcome("a", "hi", 4, 0.4, lr=2e-3).summary(), outcome("b", "mr", 16, 0.5, lr=2e-3).summary()]
+    manifest = Manifest(experiment="x", created="now", base_model=BaseModelRecord(id="m", sha256="0" * 64),
+                        trials=[trials[0].model_copy(update={"time": TRIAL_TIME}), trials[1]])  # fmt: skip
+    assert time_lines(manifest) == [
+        "trial time, s: wall = start-up + compute + data wait + evaluation + checkpoint + bookkeeping",
+        "  hi r=4 lr=0.002  100 = 31 + 40 + 1 + 20 + 3 + 5  (compute 40%)",
+    ]
+    assert time_lines(manifest.model_copy(update={"trials": trials[1:]})) == []
 
 
 def test_table_pads_columns():

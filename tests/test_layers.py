@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "whisper_lora"
 LAYERS = [
-    ["storage", "languages", "text", "models.sizes", "train.precision"],
+    ["storage", "languages", "text", "models.sizes", "models.audio_context", "train.precision"],
     ["config", "metrics", "manifest", "console"],
     ["ray_runtime", "resources", "models"],
     ["data.sources", "data.audio"],

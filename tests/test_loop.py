@@ -4,7 +4,7 @@ an epoch of the split becomes steps, and what a checkpoint stores to resume exac
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from tests.builders import write_split
 from whisper_lora.config import EvalConfig, TrainConfig
 from whisper_lora.data.epochs import EpochReader
 from whisper_lora.storage import open_location
+from whisper_lora.train import timing
 from whisper_lora.train.checkpoint import STATE, save_checkpoint, save_rng_states
 from whisper_lora.train.loop import epoch_groups
 from whisper_lora.train.step import (
@@ -26,6 +27,7 @@ from whisper_lora.train.step import (
     should_evaluate,
     train_step,
 )
+from whisper_lora.train.timing import AttemptClock, figures
 
 PROMPT = [50258, 50276, 50359, 50363]  # <|startoftranscript|> <|hi|> <|transcribe|> <|notimestamps|>
 END = 50257
@@ -146,13 +148,13 @@ def test_progress_round_trips_the_checkpoint_and_restores_the_worker(tiny_model_
     micro_batches = [_rows(0, 1)]
     train_step(worker, micro_batches)
     progress = Progress()
-    progress.count(micro_batches, waited=0.25, world=2)
-    progress.train_seconds = 1.5
+    progress.count(micro_batches, waited=0.25, world=2, computed=1.25)
     assert (progress.step, progress.batches_done, progress.samples, progress.audio_seconds) == (1, 1, 4, 6.0)
+    assert (progress.compute_seconds, progress.data_wait_seconds) == (1.25, 0.25)
     save_checkpoint(tmp_path, worker.model, worker.optimizer, worker.scheduler, worker.scaler, asdict(progress))
     saved = json.loads((tmp_path / STATE).read_text())["progress"]
     assert list(saved) == [
-        "step", "epoch", "batches_done", "samples", "audio_seconds", "train_seconds", "data_wait_seconds"
+        "step", "epoch", "batches_done", "samples", "audio_seconds", "compute_seconds", "data_wait_seconds"
     ]  # fmt: skip
 
     fresh = _worker(tiny_model_dir)
@@ -164,6 +166,56 @@ def test_progress_round_trips_the_checkpoint_and_restores_the_worker(tiny_model_
     del saved["data_wait_seconds"]  # checkpoints written before the loop timed its data
     (tmp_path / STATE).write_text(json.dumps({**json.loads((tmp_path / STATE).read_text()), "progress": saved}))
     assert restore(fresh, str(tmp_path)).data_wait_seconds == 0.0
+
+    older = {**saved, "data_wait_seconds": 0.25, "train_seconds": 2.0}  # before compute was summed apart
+    del older["compute_seconds"]
+    (tmp_path / STATE).write_text(json.dumps({**json.loads((tmp_path / STATE).read_text()), "progress": older}))
+    assert restore(fresh, str(tmp_path)).compute_seconds == 1.75
+
+
+def test_the_training_figures_agree_with_each_other_by_construction():
+    """The issue's demo report: a median step time of 6.9 s beside 37 accelerator-seconds for 20 steps and 2.1
+    samples/s at batch 4. Every figure now comes from the same two sums, over the same steps."""
+    progress = Progress()
+    for step in range(20):
+        progress.count([{"id": ["a"] * 4, "duration_s": [5.0] * 4}], waited=0.1, world=2, computed=6.0 + step % 3)
+    whole = figures(progress, world=2)
+    assert whole["compute_seconds"] == pytest.approx(sum(6.0 + step % 3 for step in range(20)))
+    assert whole["step_seconds"] * progress.step == pytest.approx(whole["compute_seconds"])
+    assert whole["train_seconds"] == pytest.approx(whole["compute_seconds"] + 20 * 0.1)
+    assert whole["samples_per_second"] * whole["train_seconds"] == pytest.approx(progress.samples) == 160
+    assert whole["audio_seconds_per_second"] * whole["train_seconds"] == pytest.approx(progress.audio_seconds)
+    assert whole["accelerator_seconds"] == pytest.approx(2 * whole["train_seconds"])
+
+    halfway = Progress(step=10, samples=80, audio_seconds=400.0, compute_seconds=70.0, data_wait_seconds=1.0)
+    window = figures(progress, world=2, since=halfway)
+    assert window["compute_seconds"] == pytest.approx(whole["compute_seconds"] - 70.0)
+    assert window["step_seconds"] == pytest.approx(window["compute_seconds"] / 10)
+    assert window["samples_per_second"] == pytest.approx(80 / window["train_seconds"])
+
+
+def test_an_attempts_clock_counts_its_own_steps_and_phases_from_where_it_resumed(monkeypatch):
+    now = iter([100.0, 103.0, 104.5, 150.0])  # loop entry, model built, reader ready, report
+    monkeypatch.setattr(timing.time, "time", lambda: next(now))
+    ticks = iter([0.0, 2.5, 10.0, 11.0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks))
+    clock = AttemptClock(started=next(now))
+    resumed = Progress(step=10, samples=40, compute_seconds=30.0, data_wait_seconds=2.0)
+    clock.stamp_model(resumed)
+    clock.stamp_data()
+    progress = replace(resumed)
+    progress.count([{"id": ["a"], "duration_s": [1.0]}], waited=0.5, world=1, computed=4.0)
+    with clock.phase("evaluation"):
+        pass
+    with pytest.raises(OSError), clock.phase("checkpoint"):  # a failed save still took its time
+        raise OSError("disk full")
+    assert resumed.compute_seconds == 30.0  # the clock copied it, and counts from it
+    metrics = clock.metrics(progress)
+    assert metrics == {
+        "time_attempt": 100.0, "time_model_ready": 103.0, "time_data_ready": 104.5, "time_at": 150.0,
+        "time_compute": 4.0, "time_data_wait": 0.5, "time_evaluation": 2.5, "time_checkpoint": 1.0,
+        "time_reporting": 0.0,
+    }  # fmt: skip
 
 
 def _ids(groups) -> list[list[str]]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.builders import ZERO_SHOT
+from tests.builders import TRIAL_TIME, ZERO_SHOT
 from whisper_lora.manifest import (
     SCHEMA_VERSION,
     AttachedFile,
@@ -60,11 +60,11 @@ def test_a_version_1_manifest_reads_as_the_current_schema_and_round_trips():
     assert set(VERSION_1) <= set(written) and set(PUBLISHED) <= set(written["languages"]["hi"])
 
 
-def test_a_version_2_manifest_reads_as_3_with_basic_scores_and_no_test_scores_curves_or_config():
+def test_a_version_2_manifest_reads_as_current_with_basic_scores_and_no_test_scores_curves_or_config():
     version_2 = {**VERSION_1, "schema_version": 2, "trials": [{**TRIAL, "best_step": 20, "error": None}]}
     manifest = parse_manifest(json.dumps(version_2))
     hindi = manifest.languages["hi"]
-    assert manifest.schema_version == SCHEMA_VERSION == 3
+    assert manifest.schema_version == SCHEMA_VERSION == 4
     assert (hindi.test, hindi.zero_shot_test, hindi.test_scoring, hindi.config) == (None, None, None, None)
     assert hindi.normalizer == hindi.zero_shot.normalizer == "basic"  # what every score before 3 was
     assert manifest.trials[0].history == []
@@ -141,7 +141,20 @@ def test_an_adapter_keeps_its_place_unless_beaten_on_the_same_ground():
 
 def test_a_trial_names_its_nodes_and_a_manifest_written_before_nodes_reads_without_them():
     manifest = parse_manifest(json.dumps({**VERSION_1, "schema_version": 3}))
-    assert manifest.schema_version == 3 and manifest.trials[0].nodes == []
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.trials[0].nodes == []
     placed = Manifest(**{**manifest.model_dump(), "trials": [TrialSummary(**TRIAL, nodes=["n1", "n2"])]})
     again = parse_manifest(placed.to_json())
     assert again.trials[0].nodes == ["n1", "n2"] and again == placed
+
+
+def test_version_4_carries_where_each_trials_time_went_and_3_reads_without_it():
+    assert parse_manifest(json.dumps({**VERSION_1, "schema_version": 3})).trials[0].time is None
+    time = TRIAL_TIME
+    assert time.startup == 31.0 and time.compute_share == 0.4 and (time.attempts, time.runs) == (1, 1)
+    tree = {**VERSION_1, "schema_version": 4, "trials": [{**TRIAL, "time": time.model_dump()}]}
+    manifest = parse_manifest(json.dumps(tree))
+    assert manifest.trials[0].time == time and parse_manifest(manifest.to_json()) == manifest
+    # a reader that does not know a field refuses the manifest and names it, as one from before 4 does `time`
+    unknown = {**VERSION_1, "schema_version": 4, "trials": [{**TRIAL, "time": {**time.model_dump(), "queue": 1.0}}]}
+    with pytest.raises(ManifestError, match=r"trials\.0\.time\.queue"):
+        parse_manifest(json.dumps(unknown))

@@ -7,7 +7,7 @@ import math
 
 from matplotlib.image import imread
 
-from tests.builders import ZERO_SHOT, failed, outcome
+from tests.builders import TRIAL_TIME, ZERO_SHOT, failed, outcome
 from whisper_lora.manifest import (
     AttachedFile,
     BaseModelRecord,
@@ -19,7 +19,7 @@ from whisper_lora.manifest import (
     Scores,
     Scoring,
 )
-from whisper_lora.report import BEST_VS_ZERO_SHOT, CURVES, HEATMAP, error_grid, report_files
+from whisper_lora.report import BEST_VS_ZERO_SHOT, CURVES, HEATMAP, error_grid, markdown, report_files
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -103,3 +103,27 @@ def test_a_manifest_from_before_test_scores_and_curves_still_renders():
     assert "| hi | WER | 1.500 | 0.300 | - | - | 0.300 / - | 0.150 / - |" in text
     assert "| hi | dev (2) | not scored | basic | - | - | - |" in text
     assert files[BEST_VS_ZERO_SHOT].startswith(PNG)
+    assert "time went" not in text  # before schema 4: no trial carries its time
+
+
+def _with_times(manifest: Manifest) -> Manifest:
+    """Trial b took twice the builders' split and ran in two attempts; the failed trial d has none."""
+    twice = TRIAL_TIME.model_copy(update={n: 2 * v for n, v in TRIAL_TIME.model_dump().items()} | {"runs": 1})
+    times = {"a": TRIAL_TIME, "b": twice, "c": TRIAL_TIME}
+    trials = [t.model_copy(update={"time": times.get(t.trial_id)}) for t in manifest.trials]
+    return manifest.model_copy(update={"trials": trials})
+
+
+def test_report_says_where_each_trials_time_went_and_the_columns_sum_to_the_wall():
+    text = markdown(_with_times(_manifest()))
+    section = text[text.index("## Where the trials' time went") :]
+    assert "| wall | start-up (Tune / Train / model / data) | compute | data wait | evaluation |" in section
+    # 100 = 31 start-up + 40 compute + 1 data wait + 20 evaluation + 3 checkpoint + 5 bookkeeping
+    assert "| a | hi | 8 | 0.001 | 100 | 31 (2 / 20 / 8 / 1) | 40 | 1 | 20 | 3 | 5 (2 / 2 / 1) | 40% |" in section
+    assert "| b | hi | 8 | 0.0003 | 200 | 62 (4 / 40 / 16 / 2) | 80 | 2 | 40 | 6 | 10 (4 / 4 / 2) | 40% |" in section
+    assert "| all 3 | | | | 400 | 124 (8 / 80 / 32 / 4) | 160 | 4 | 80 | 12 | 20 (8 / 8 / 4) | 40% |" in section
+    assert "| d |" not in section and "Restarted (their phases add up every attempt): b." in section
+    for row in (line for line in section.splitlines() if line.startswith(("| a ", "| b ", "| all"))):
+        cells = row.split("|")[5:-2]
+        wall, parts = float(cells[0]), [float(cell.split()[0]) for cell in cells[1:]]
+        assert sum(parts) == wall

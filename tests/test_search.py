@@ -16,12 +16,25 @@ def test_early_stopping_compares_trials_of_one_language_only():
     tamil, hindi, hindi_worse = _Trial("ta1", "ta"), _Trial("hi1", "hi"), _Trial("hi2", "hi")
     for trial in (tamil, hindi, hindi_worse):
         scheduler.on_trial_add(None, trial)
-    assert scheduler.on_trial_result(None, tamil, {"step": 1, "primary": 0.05}) == "CONTINUE"
+    evaluation = {"report_kind": "evaluation"}
+    assert scheduler.on_trial_result(None, tamil, {**evaluation, "step": 1, "primary": 0.05}) == "CONTINUE"
     # Much worse than Tamil's CER, but the first Hindi result at this rung: nothing to compare with.
-    assert scheduler.on_trial_result(None, hindi, {"step": 1, "primary": 0.9}) == "CONTINUE"
-    preempted = {"step": 1, "primary": float("inf"), "checkpoint_reason": "preemption"}
+    assert scheduler.on_trial_result(None, hindi, {**evaluation, "step": 1, "primary": 0.9}) == "CONTINUE"
+    preempted = {"report_kind": "preemption", "step": 1, "primary": float("inf"), "checkpoint_reason": "preemption"}
     assert scheduler.on_trial_result(None, hindi_worse, preempted) == "CONTINUE"
-    assert scheduler.on_trial_result(None, hindi_worse, {"step": 1, "primary": 0.95}) == "STOP"
+    clock = {"report_kind": "trial_time", "step": 1, "primary": 0.95}  # whatever it carries, not an evaluation
+    assert scheduler.on_trial_result(None, hindi_worse, clock) == "CONTINUE"
+    assert scheduler.on_trial_result(None, hindi_worse, {**evaluation, "step": 1, "primary": 0.95}) == "STOP"
+
+
+def test_a_trial_at_its_last_step_is_never_stopped():
+    """ASHA stops every trial that reaches ``max_t``; ours end there by themselves, and a STOP would cut the
+    reports a trial sends after its last evaluation (the attempt's clock, the trial's time)."""
+    scheduler = PerLanguageASHA(grace_period=1, reduction_factor=2, max_t=10)
+    trial = _Trial("hi1", "hi")
+    scheduler.on_trial_add(None, trial)
+    last = {"report_kind": "evaluation", "step": 10, "primary": 0.5}
+    assert scheduler.on_trial_result(None, trial, last) == "CONTINUE"
 
 
 def test_trial_config_and_concurrency(tmp_path):

@@ -7,7 +7,9 @@ import itertools
 import pytest
 
 from tests.builders import failed, outcome
-from whisper_lora.tune.select import MAX_HISTORY, history_of, select_best, trial_outcome
+from whisper_lora.manifest import TrialSummary
+from whisper_lora.train.timing import TRIAL_TIME
+from whisper_lora.tune.select import MAX_HISTORY, history_of, select_best, trial_outcome, trial_time
 
 
 def test_selection_takes_the_lowest_metric_and_ties_go_to_the_smaller_rank():
@@ -146,3 +148,92 @@ def test_a_failed_trial_is_named_by_its_innermost_error_not_rays_wrappers():
     group = WorkerGroupError("Training failed due to worker errors", {1: RuntimeError("rank 1"), 0: KeyError("rank 0")})
     assert error_summary(ControllerError(group)) == "KeyError: 'rank 0'"
     assert error_summary(MemoryError()) == "MemoryError"
+
+
+def _clock(attempt: float, at: float, compute: float, wait: float, evaluation: float, checkpoint: float,
+           reporting: float) -> dict:  # fmt: skip
+    """An attempt's clock as its reports carry it: loop entry at ``attempt``, model 3 s later, reader 1 s after."""
+    return {"time_attempt": attempt, "time_model_ready": attempt + 3, "time_data_ready": attempt + 4, "time_at": at,
+            "time_compute": compute, "time_data_wait": wait, "time_evaluation": evaluation,
+            "time_checkpoint": checkpoint, "time_reporting": reporting}  # fmt: skip
+
+
+def _run(actor: float, started: float, fit_ended: float, at: float) -> dict:
+    """The trial's own last report; Tune's ``time_since_restore`` places the actor's start."""
+    return {"report_kind": TRIAL_TIME, "trainable_started": started, "trainable_fit_started": started + 1,
+            "trainable_fit_ended": fit_ended, "time_at": at, "time_since_restore": at - actor, "step": NAN,
+            "time_attempt": NAN}  # fmt: skip
+
+
+def test_a_trials_time_splits_into_phases_that_sum_to_its_wall():
+    """Actor up at 1000, trial body at 1002, loop at 1010 (model 1013, reader 1014), the loop's last report (its
+    last evaluation) at 1050, ``fit()`` back at 1065, the trial's own report at 1066: the last checkpoint's save and
+    Train's shutdown are the teardown."""
+    reports = [
+        {**_train_row(5, 2.0), **_clock(1010, 1030, compute=10, wait=1, evaluation=0, checkpoint=0, reporting=0.5)},
+        {**_eval_row(10, 0.5), **_clock(1010, 1050, compute=20, wait=2, evaluation=10, checkpoint=0, reporting=1)},
+        _run(actor=1000, started=1002, fit_ended=1065, at=1066),
+    ]
+    time = trial_time(reports)
+    assert time.wall == pytest.approx(66) and (time.attempts, time.runs) == (1, 1)
+    expected = {"tune_startup": 2, "train_startup": 8, "model_load": 3, "dataset": 1, "compute": 20, "data_wait": 2,
+                "evaluation": 10, "checkpoint": 0, "reporting": 1, "teardown": 16, "other": 3}  # fmt: skip
+    assert time.model_dump(exclude={"wall", "attempts", "runs"}) == pytest.approx(expected)
+    assert time.startup == pytest.approx(14) and time.compute_share == pytest.approx(20 / 66)
+
+    outcome = trial_outcome("t", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, reports, None)
+    assert outcome.summary().time == time
+    assert_time_accounted(outcome.summary())
+    assert outcome.checkpoint == "/c/10" and outcome.best.step == 10
+    assert [(p.step, p.primary) for p in outcome.history] == [(5, None), (10, 0.5)]
+
+
+def test_a_restarted_worker_group_and_a_retried_trial_add_up():
+    """Run 1: an attempt fails after its report at 1050 and the worker group restarts at 1055; Tune later runs the
+    trial again (run 2, resumed from the checkpoint). A third run failed before any report of its own: its attempt
+    counts from its loop entry to its last report, with nothing before."""
+    first = _clock(1010, 1050, compute=20, wait=2, evaluation=15, checkpoint=4, reporting=1)
+    restarted = _clock(1055, 1070, compute=5, wait=0, evaluation=3, checkpoint=2, reporting=0)
+    second = _clock(2010, 2020, compute=0, wait=0, evaluation=0, checkpoint=0, reporting=0)
+    orphan = _clock(3010, 3030, compute=10, wait=0, evaluation=0, checkpoint=0, reporting=0)
+    reports = [
+        {**_eval_row(10, 0.5), **first},
+        {**_eval_row(12, 0.4), **restarted},
+        _run(actor=1000, started=1002, fit_ended=1072, at=1073),
+        {**_eval_row(12, 0.4), **second},
+        _run(actor=2000, started=2001, fit_ended=2021, at=2022),
+        {**_train_row(13, 1.0), **orphan},
+    ]
+    time = trial_time(reports)
+    assert (time.attempts, time.runs) == (4, 2)
+    assert time.wall == pytest.approx(73 + 22 + 20)
+    assert time.tune_startup == pytest.approx(2 + 1) and time.train_startup == pytest.approx(8 + 9)
+    assert time.model_load == pytest.approx(4 * 3) and time.dataset == pytest.approx(4 * 1)
+    assert time.compute == pytest.approx(35) and time.teardown == pytest.approx(3 + 2)
+    phases = time.model_dump(exclude={"wall", "attempts", "runs"})
+    assert sum(phases.values()) == pytest.approx(time.wall) and time.other >= 0
+    assert time.other == pytest.approx(115 - sum(v for k, v in phases.items() if k != "other"))
+
+
+def test_reports_without_a_clock_give_no_time_and_skewed_stamps_never_give_negative_seconds():
+    assert trial_time([_train_row(1, 3.0), _eval_row(2, 0.6)]) is None
+    unclocked = trial_outcome("t", {"language": "hi", "rank": 8, "learning_rate": 1e-3}, [_eval_row(2, 0.6)], None)
+    assert unclocked.time is None and unclocked.summary().time is None
+    # another node's clock runs 5 s behind the trial's: its loop entry stamps before the trial body began
+    skewed = [{**_eval_row(2, 0.6), **_clock(997, 1040, 20, 1, 5, 2, 1)}, _run(1000, 1002, 1045, 1046)]
+    time = trial_time(skewed)
+    assert time.train_startup == 0.0 and min(time.model_dump().values()) >= 0
+    assert time.wall == pytest.approx(sum(time.model_dump(exclude={"wall", "attempts", "runs"}).values()))
+
+
+def assert_time_accounted(trial: TrialSummary) -> None:
+    """What a trial of a real sweep must show of its time (a Ray test's published manifest: ``test_job_scores``):
+    one run, every phase it went through measured, the phases summing to the wall, little left unexplained."""
+    time = trial.time
+    assert time is not None and time.runs == 1 and time.attempts >= 1, trial
+    phases = time.model_dump(exclude={"wall", "attempts", "runs"})
+    assert sum(phases.values()) == pytest.approx(time.wall) and min(phases.values()) >= 0
+    # tune_startup may be 0: Tune starts ``time_since_restore`` with the trainable's body, not its actor
+    assert min(time.train_startup, time.model_load, time.compute, time.evaluation) > 0, time
+    assert time.teardown > 0, time  # the last checkpoint's save and Train's shutdown; earlier saves are ``checkpoint``
+    assert time.other < 0.1 * time.wall, time

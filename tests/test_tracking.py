@@ -1,22 +1,18 @@
 """Experiment tracking of the sweep: which loggers Tune runs, what an MLflow run holds, training rows passing
-Tune's metric check and ASHA, and (Ray) a tracked sweep on a real MLflow server, run again with another
-concurrency: it resumes instead of training again."""
+Tune's metric check and ASHA, and (Ray) the main job tracked on a real MLflow server (the session's ``tracked_job``,
+whose scores test_job_scores checks): a run per trial with its params and curves, each published adapter recorded
+on its trial's run, and its sweep run again with another concurrency resuming instead of training again."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-from tests.builders import free_port
 from whisper_lora.config import load_config
 from whisper_lora.tune.search import METRIC, PerLanguageASHA, scheduler
 from whisper_lora.tune.tracking import (
@@ -100,6 +96,10 @@ def _train_row(step: int) -> dict:
     return {"report_kind": "train", "step": step, "loss": 1.0 / step, "learning_rate": 1e-3, "training_iteration": step}
 
 
+def _evaluation(step: int, primary: float) -> dict:
+    return {"report_kind": "evaluation", "step": step, METRIC: primary, "loss": 0.5}
+
+
 def test_training_rows_pass_tunes_metric_check_and_asha(tmp_path):
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -111,13 +111,13 @@ def test_training_rows_pass_tunes_metric_check_and_asha(tmp_path):
     good, bad = _Trial("a", "hi"), _Trial("b", "hi")
     for trial in (good, bad):
         asha.on_trial_add(None, trial)
-    stream = [(good, _train_row(1)), (good, _train_row(2)), (good, {"step": 2, METRIC: 0.3, "loss": 0.4})]
+    stream = [(good, _train_row(1)), (good, _train_row(2)), (good, _evaluation(2, 0.3))]
     stream += [(bad, _train_row(1)), (bad, _train_row(2))]
     for trial, row in stream:
         TuneController._validate_result_metrics(controller, row)  # raises on a row the check refuses
         assert asha.on_trial_result(None, trial, row) == "CONTINUE"
     # the bad trial's training rows took no rung: its evaluation is the one compared, and it loses
-    assert asha.on_trial_result(None, bad, {"step": 2, METRIC: 0.9, "loss": 0.8}) == "STOP"
+    assert asha.on_trial_result(None, bad, _evaluation(2, 0.9)) == "STOP"
     # Had the sweep named its metric to Tune, every training row would stop it:
     with pytest.raises(ValueError, match="did not include the specified metric"):
         named = SimpleNamespace(**{**vars(controller), "_metric": METRIC})
@@ -132,78 +132,39 @@ def test_the_mlflow_logger_carries_the_sweeps_tags(tmp_path):
     assert named.experiment_name == "whisper"
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on loopback (SQLite backend, artifacts in a tmp dir); its URI. Started in its
-    own process group, which is stopped whatever happens."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    server_log = root / "server.log"
-    with open(server_log, "wb") as output:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--default-artifact-root", str(root / "artifacts")],
-            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{server_log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-
-
 def _checkpoints(storage: Path) -> dict[str, list[str]]:
     return {run.name: sorted(c.name for c in run.glob("checkpoint_*")) for run in storage.glob("*-train-trial_id=*")}
 
 
 @pytest.fixture(scope="module")
-def tracked(two_worker_corpus, mlflow_server):
-    """A sweep of 1 language × 2 ranks, one trial at a time, logged to the MLflow server; then the same config with
-    two trials at a time and other CPUs per worker, as someone would rerun it on a larger machine."""
+def tracked(tracked_job):
+    """The session's main job (conftest ``tracked_job``: hi and ta, one rank, logged to a real MLflow server) and its
+    MLflow runs; then its sweep run again with one trial at a time and other CPUs per worker, as someone would rerun
+    it on another machine."""
     from mlflow.tracking import MlflowClient
 
-    from whisper_lora.tune.sweep import run_sweep, sweep_name
+    from whisper_lora.tune.sweep import run_sweep, state_dir, sweep_name
 
-    overrides = [*two_worker_corpus, "train.num_workers=1", "train.max_steps=4", "train.log_every_steps=1",
-                 "train.eval_every_steps=2", "train.eval_each_epoch=false", "tune.ranks=2,4",
-                 "tune.max_concurrent_trials=1", "tracking.mlflow=true",
-                 f"tracking.mlflow_tracking_uri={mlflow_server}"]  # fmt: skip
-    config = load_config(None, overrides).with_absolute_paths()
-    first = run_sweep(config, gpu=False)
+    config = tracked_job.config.with_absolute_paths()
     storage = Path(config.train.storage_path)
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(tracked_job.mlflow)
     experiment = client.get_experiment_by_name(config.experiment)
     runs_before = client.search_runs([experiment.experiment_id])
     checkpoints_before = _checkpoints(storage)
-    rerun = load_config(None, [*overrides, "tune.max_concurrent_trials=2", "train.cpus_per_worker=0.25"])
+    rerun = load_config(tracked_job.config_file, ["tune.max_concurrent_trials=1", "train.cpus_per_worker=0.25"])
     rerun = rerun.with_absolute_paths()
     assert sweep_name(rerun) == sweep_name(config)
-    second = run_sweep(rerun, gpu=False)
     return SimpleNamespace(
         config=config,
-        first=first,
-        second=second,
+        manifest=tracked_job.manifest,
+        rerun=run_sweep(rerun, gpu=False),
         client=client,
         experiment=experiment,
         runs_before=runs_before,
         checkpoints_before=checkpoints_before,
         checkpoints_after=_checkpoints(storage),
         sweep=sweep_name(config),
+        sweep_dir=state_dir(config) / sweep_name(config),
     )
 
 
@@ -212,51 +173,55 @@ def tracked(two_worker_corpus, mlflow_server):
 def test_every_trial_is_an_mlflow_run_with_its_params_and_curves(tracked):
     runs = tracked.client.search_runs([tracked.experiment.experiment_id])
     assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}
-    assert sorted(int(run.data.params["rank"]) for run in runs) == [2, 4]
+    assert sorted((run.data.params["language"], int(run.data.params["rank"])) for run in runs) == [("hi", 2), ("ta", 2)]
+    trials = {trial.trial_id: trial for trial in tracked.manifest.trials}
     for run in runs:
         params, tags = run.data.params, run.data.tags
-        assert params["language"] == "hi" and float(params["learning_rate"]) == 1e-3
+        assert float(params["learning_rate"]) == 1e-3 and params["max_steps"] == "4"
         assert int(params["alpha"]) == 2 * int(params["rank"]) and params["target_modules"] == "q_proj,v_proj"
-        assert tags["sweep"] == tracked.sweep and tags["language"] == "hi" and tags["trial_id"]
+        assert tags["sweep"] == tracked.sweep and tags["language"] == params["language"]
+        trial = trials[tags["trial_id"]]  # the run of a trial the manifest lists
+        assert trial.language == params["language"]
         loss = tracked.client.get_metric_history(run.info.run_id, "loss")
-        # training rows at steps 1-4 and evaluations at 2 and 4, plotted by optimizer step
+        # training rows at steps 1-4 and the evaluations, plotted by optimizer step
         assert len(loss) > 1 and {point.step for point in loss} == {1, 2, 3, 4}
-        primary = tracked.client.get_metric_history(run.info.run_id, METRIC)
-        assert sorted(point.step for point in primary) == [2, 4]
-    trial_dirs = [Path(result.path) for result in tracked.first]
+        # the evaluations the manifest's curve holds (the loop's closing report repeats the last: the same point)
+        primary = {(p.step, p.value) for p in tracked.client.get_metric_history(run.info.run_id, METRIC)}
+        evaluations = {(p.step, p.primary) for p in trial.history if p.primary is not None}
+        assert len(evaluations) >= 2 and primary == evaluations
+    trial_dirs = [Path(result.path) for result in tracked.rerun]
     assert all(list(directory.glob("events.out.tfevents.*")) for directory in trial_dirs)  # TensorBoard
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_a_rerun_with_other_concurrency_resumes_without_training_again(tracked):
-    assert sorted(r.path for r in tracked.second) == sorted(r.path for r in tracked.first)  # the same experiment
+    from whisper_lora.storage import open_location
+    from whisper_lora.tune.sweep import outcomes_of
+
+    # the same experiment, the same trials
+    assert all(Path(result.path).parent == tracked.sweep_dir for result in tracked.rerun)
+    outcomes = outcomes_of(tracked.rerun, open_location(tracked.config.train.storage_path))
+    assert sorted(o.trial_id for o in outcomes) == sorted(t.trial_id for t in tracked.manifest.trials)
     assert len(tracked.checkpoints_before) == 2 and all(tracked.checkpoints_before.values())
     assert tracked.checkpoints_after == tracked.checkpoints_before  # no trial trained again
     again = tracked.client.search_runs([tracked.experiment.experiment_id])
     assert sorted(run.info.run_id for run in again) == sorted(run.info.run_id for run in tracked.runs_before)
-    assert all(result.error is None for result in tracked.second)
+    assert all(result.error is None for result in tracked.rerun)
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_the_published_adapter_is_recorded_on_its_trials_run(tracked):
-    from whisper_lora.manifest import Manifest, PublishedAdapter
-    from whisper_lora.storage import open_location
-    from whisper_lora.tune.select import select_best
-    from whisper_lora.tune.sweep import outcomes_of
+def test_the_job_records_each_published_adapter_on_its_trials_run(tracked):
     from whisper_lora.tune.tracking import PUBLISHED_TAG
 
-    outcomes = outcomes_of(tracked.second, open_location(tracked.config.train.storage_path))
-    [(language, winner)] = select_best(outcomes).items()
-    adapter = f"s3://models/published/t/adapters/hi/{winner.trial_id}-0123456789ab"
-    published = PublishedAdapter.model_construct(adapter=adapter, trial_id=winner.trial_id)
-    manifest = Manifest.model_construct(languages={language: published})
-    assert link_published(tracked.config, tracked.sweep, manifest) == 1
+    published = Path(tracked.config.publish.storage) / tracked.config.experiment / "adapters"
     runs = tracked.client.search_runs([tracked.experiment.experiment_id])
     tagged = {run.data.tags["trial_id"]: run.data.tags.get(PUBLISHED_TAG) for run in runs}
-    assert tagged == {winner.trial_id: adapter, **{t: None for t in tagged if t != winner.trial_id}}
-    assert link_published(tracked.config, "another-sweep", manifest) == 0  # another sweep's trial: not ours
+    entries = tracked.manifest.languages.values()
+    assert tagged == {entry.trial_id: entry.adapter for entry in entries}  # set by the job, once it published
+    assert all(Path(entry.adapter).parent.parent == published for entry in entries)
+    assert link_published(tracked.config, "another-sweep", tracked.manifest) == 0  # another sweep's trial: not ours
 
 
 def _noop(config: dict) -> None:

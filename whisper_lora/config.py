@@ -246,6 +246,16 @@ class TrainConfig(_Section):
             "is the language and script rather than the acoustics. Cache: 1.5 MB per utterance (whisper-base)."
         ),
     )
+    audio_context: Literal["full", "clip"] = Field(
+        "full",
+        description=(
+            "Encoder input length when training. full: every clip padded to Whisper's 30 s (1500 encoder "
+            "positions), as every other tool runs it. clip: only the frames the longest clip needs plus 0.5 s, in "
+            "whole seconds (positional embeddings sliced; whisper.cpp's audio_ctx): per batch when the encoder "
+            "trains, per train split in the frozen-encoder cache. Evaluation, selection and every published score "
+            "stay at 30 s (benchmarks/audio_context.py measures the effect)."
+        ),
+    )
     eval_every_steps: int | None = Field(
         None, ge=1, description="Also evaluate (and checkpoint) every N steps, besides epoch ends and the last step."
     )

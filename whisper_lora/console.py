@@ -140,7 +140,10 @@ class TrialProgress(tune.Callback):
         print(f"trial {trial.trial_id} ({trial_label(trial.config)}) started", flush=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        evaluation = result.get("report_kind", "evaluation" if "wer" in result else "") == "evaluation"
+        kind = result.get("report_kind", "evaluation" if "wer" in result else "train")
+        if kind not in ("train", "evaluation", "preemption"):
+            return  # the trial's time stamps (``train.timing``): nothing new to read
+        evaluation = kind == "evaluation"
         now = time.monotonic()
         if not evaluation and now - self._last.get(trial.trial_id, -self.every_s) < self.every_s:
             return
@@ -200,4 +203,22 @@ def summary_table(manifest: Manifest, location: str) -> str:
     )]  # fmt: skip
     if manifest.failed_trials:
         lines.append(f"failed trials: {len(manifest.failed_trials)} (listed in manifest.json)")
-    return "\n".join(lines)
+    return "\n".join(lines + time_lines(manifest))
+
+
+def time_lines(manifest: Manifest) -> list[str]:
+    """Where each trial's time went (``manifest.TrialTime``), one line per trial; none before schema 4."""
+    timed = sorted((t for t in manifest.trials if t.time), key=lambda t: (t.language, t.rank, t.learning_rate))
+    if not timed:
+        return []
+    lines = ["trial time, s: wall = start-up + compute + data wait + evaluation + checkpoint + bookkeeping"]
+    labels = [f"{t.language} r={t.rank} lr={t.learning_rate:g}" for t in timed]
+    width = max(map(len, labels))
+    for label, trial in zip(labels, timed, strict=True):
+        time = trial.time
+        lines.append(
+            f"  {label:<{width}}  {time.wall:.0f} = {time.startup:.0f} + {time.compute:.0f}"
+            f" + {time.data_wait:.0f} + {time.evaluation:.0f} + {time.checkpoint:.0f} + {time.bookkeeping:.0f}"
+            f"  (compute {time.compute_share:.0%})"
+        )
+    return lines

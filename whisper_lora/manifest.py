@@ -1,10 +1,11 @@
 """The published manifest, typed: what ``publish`` writes and ``report``, ``transcribe`` and the next publish
 read. One ``manifest.json`` per experiment, beside ``adapters/<lang>/<name>/`` (see ``whisper_lora.publish``).
 
-Versions: 3 is this schema. 2 lacks what 3 added (test-split scores of each adapter and of its zero-shot base,
-how they were scored, the normaliser named beside every score, the resolved run config, the trials' curves) and
-reads as 3 with those absent (its scores all came from the ``basic`` normaliser); 1 (before it was typed) also
-lacks the trials' ``best_step`` and ``error``. A manifest from a newer whisper-lora is refused with a clear error
+Versions: 4 is this schema; it adds each trial's ``time`` (where its wall time went), and 3 reads as 4 without it.
+2 lacks what 3 added (test-split scores of each adapter and of its zero-shot base, how they were scored, the
+normaliser named beside every score, the resolved run config, the trials' curves) and reads as 3 with those absent
+(its scores all came from the ``basic`` normaliser); 1 (before it was typed) also lacks the trials' ``best_step``
+and ``error``. A manifest from a newer whisper-lora is refused with a clear error
 rather than half-understood: a downstream job must not act on fields it cannot see. A field added within version 3
 (the trials' ``nodes``) has a default, so a manifest written before it reads as it always did; a whisper-lora
 from before it refuses a manifest that has it, naming the field (no field is ever ignored), as it would refuse a
@@ -24,8 +25,8 @@ from pydantic.fields import FieldInfo
 from whisper_lora.storage import Location
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """What a published adapter directory holds (peft's ``save_pretrained`` format)."""
 
@@ -202,6 +203,60 @@ class HistoryPoint(_Record):
     """The primary metric on the eval split; None on training rows."""
 
 
+class TrialTime(_Record):
+    """Where a trial's wall time went, in seconds (rank 0 of its Train run; ``tune.select.trial_time`` builds it).
+    The phases are disjoint and sum to ``wall``; a trial Tune ran more than once (retried, or continued by a resumed
+    sweep) sums its runs, a Train run restarted after a failure sums its attempts."""
+
+    wall: float
+    """From Tune's trial actor beginning a run to the trial's last report, summed over runs; a run that never sent
+    that report (failed, stopped by ASHA) counts from its workers' first stamp to their last report."""
+    tune_startup: float
+    """Tune's trial actor → the trial function's body (the actor's setup, ``with_parameters`` objects fetched)."""
+    train_startup: float
+    """Trial body → the first worker loop entered: trial config, ``build_trainer`` (row count, encoder cache), the
+    Train controller, its placement group, the worker group and its process group."""
+    model_load: float
+    """Loop entry → base model, adapter, optimizer built (and a checkpoint restored), in every attempt."""
+    dataset: float
+    """Then → the train split's reader ready, in every attempt."""
+    compute: float
+    """Optimizer steps: collate, forward, backward, optimizer (``StepResult.seconds`` summed)."""
+    data_wait: float
+    """The loop waiting for its next batches."""
+    evaluation: float
+    """Decoding the eval split and scoring it."""
+    checkpoint: float
+    """Saving checkpoints and the ``ray.train.report`` that hands each to Ray (and Tune)."""
+    reporting: float
+    """Training-curve reports and preemption checks: Ray Train collectives without a checkpoint."""
+    teardown: float
+    """The last attempt's loop end → the Train run returned to the trial (worker group and controller shut down)
+    and the trial reported."""
+    other: float
+    """The rest, never negative: the loop's own overhead (an epoch's order, logging), a worker group restarting,
+    what a failed attempt did after its last report."""
+    attempts: int = 1
+    """Worker-group attempts seen (more than one: Train restarted it, or Tune ran the trial again)."""
+    runs: int = 1
+    """Runs of the trial that ended with its own last report."""
+
+    @property
+    def startup(self) -> float:
+        """Everything before the first optimizer step: Tune, Train, model and dataset start-up."""
+        return self.tune_startup + self.train_startup + self.model_load + self.dataset
+
+    @property
+    def bookkeeping(self) -> float:
+        """Neither start-up nor training, evaluation or checkpoints: reports, teardown and the rest."""
+        return self.reporting + self.teardown + self.other
+
+    @property
+    def compute_share(self) -> float:
+        """The share of the wall time that was optimizer compute."""
+        return self.compute / self.wall if self.wall > 0 else 0.0
+
+
 class TrialSummary(_Record):
     trial_id: str
     language: str
@@ -218,6 +273,8 @@ class TrialSummary(_Record):
     nodes: list[str] = Field(default_factory=list)
     """Ray node ids its Train run's rank 0 reported from, in order of first report (more than one: it was
     restarted elsewhere); empty for manifests written before nodes were recorded."""
+    time: TrialTime | None = None
+    """Where the trial's wall time went; None before schema 4 (or when its reports carry no clock)."""
 
 
 class FailedTrial(_Record):

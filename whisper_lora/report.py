@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from whisper_lora.languages import get_language
-from whisper_lora.manifest import Manifest, PublishedAdapter, Scores, TrialSummary
+from whisper_lora.manifest import Manifest, PublishedAdapter, Scores, TrialSummary, TrialTime
 
 HEATMAP = "error_by_rank.png"
 BEST_VS_ZERO_SHOT = "best_vs_zero_shot.png"
@@ -224,7 +224,54 @@ def markdown(manifest: Manifest, curves: bool = False) -> str:
         lines.append(f"| {t.trial_id} | {t.language} | {t.rank} | {t.learning_rate:g} | {best} | {step} | {status} |")
     for note in manifest.kept_previous:
         lines.append(f"\n{note}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _time_table(manifest.trials)) + "\n"
+
+
+def _time_table(trials: Sequence[TrialSummary]) -> list[str]:
+    """Where each trial's wall time went (``TrialTime``), and all trials together; nothing for a manifest whose
+    trials carry no time (before schema 4)."""
+    timed = sorted((t for t in trials if t.time), key=lambda t: (t.language, t.rank, t.learning_rate))
+    if not timed:
+        return []
+    lines = [
+        "",
+        "## Where the trials' time went",
+        "",
+        "Seconds per trial, as its Train run's rank 0 and the trial itself stamped them; the columns sum to the wall "
+        "time. **Start-up**: Tune's trial actor / the Train controller and worker group (and `build_trainer`) / the "
+        "model (and a checkpoint restored) / the dataset reader. **Compute**: optimizer steps (forward, backward, "
+        "optimizer). **Bookkeeping**: training-curve reports and preemption checks / the Train run's teardown / "
+        "the rest (loop overhead, restarts). Trials ran side by side, so their walls overlap.",
+        "",
+        "| trial | language | rank | lr | wall | start-up (Tune / Train / model / data) | compute | data wait "
+        "| evaluation | checkpoint | bookkeeping (reports / teardown / rest) | compute share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in timed:
+        lines.append(f"| {t.trial_id} | {t.language} | {t.rank} | {t.learning_rate:g} | {_time_row(t.time)} |")
+    if len(timed) > 1:
+        total = _sum_times([t.time for t in timed])
+        lines.append(f"| all {len(timed)} | | | | {_time_row(total)} |")
+    restarted = [t.trial_id for t in timed if t.time.attempts > 1 or t.time.runs > 1]
+    if restarted:
+        lines += ["", f"Restarted (their phases add up every attempt): {', '.join(restarted)}."]
+    return lines
+
+
+def _time_row(time: TrialTime) -> str:
+    startup = f"{time.startup:.0f} ({time.tune_startup:.0f} / {time.train_startup:.0f} / {time.model_load:.0f} / "
+    startup += f"{time.dataset:.0f})"
+    bookkeeping = f"{time.bookkeeping:.0f} ({time.reporting:.0f} / {time.teardown:.0f} / {time.other:.0f})"
+    return (
+        f"{time.wall:.0f} | {startup} | {time.compute:.0f} | {time.data_wait:.0f} | {time.evaluation:.0f} | "
+        f"{time.checkpoint:.0f} | {bookkeeping} | {time.compute_share:.0%}"
+    )
+
+
+def _sum_times(times: Sequence[TrialTime]) -> TrialTime:
+    """Every phase summed over ``times`` (trial-seconds: more than the sweep's wall when trials overlapped)."""
+    fields = TrialTime.model_fields
+    return TrialTime(**{name: sum(getattr(time, name) for time in times) for name in fields})
 
 
 def report_files(manifest: Manifest) -> dict[str, bytes]:

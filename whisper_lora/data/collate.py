@@ -4,7 +4,9 @@ Label ids hold the whole sequence ``<|startoftranscript|> <|lang|> <|transcribe|
 <|endoftext|>``. The decoder reads it without its last token and predicts it without its first, so every
 prompt token after ``<|startoftranscript|>`` is a target: the language and task tokens are learned too.
 Padding is ignored by the loss (-100) and is the end token in the decoder input. Trimmed log-mel features
-are padded back to Whisper's 30-s window.
+are padded back to Whisper's 30-s window, or to the shorter window ``frames`` names
+(``models.audio_context``: ``train.audio_context=clip``); cached encoder output is taken at the length it was
+encoded with.
 """
 
 from __future__ import annotations
@@ -15,20 +17,20 @@ import numpy as np
 import torch
 
 from whisper_lora.data.features import pad_log_mel
+from whisper_lora.models.audio_context import WHISPER_FRAMES
 
 IGNORE_INDEX = -100
-WHISPER_FRAMES = 3000
 PAD_TOKEN_ID = 50257
 
 
 def stack_features(features: Sequence[np.ndarray], frames: int = WHISPER_FRAMES) -> torch.Tensor:
-    """Trimmed log-mel features of a batch, padded to Whisper's window and stacked: (B, mels, frames)."""
+    """Trimmed log-mel features of a batch, padded (or cut) to ``frames`` and stacked: (B, mels, frames)."""
     return torch.from_numpy(np.stack([pad_log_mel(np.asarray(f, dtype=np.float32), frames) for f in features]))
 
 
 def encoder_input(batch: dict[str, np.ndarray], frames: int = WHISPER_FRAMES) -> dict[str, torch.Tensor]:
-    """``input_features`` (B, mels, 3000) from log-mel, or ``encoder_hidden_states`` (B, positions, d_model) from
-    the frozen-encoder cache, as float32."""
+    """``input_features`` (B, mels, ``frames``) from log-mel, or ``encoder_hidden_states`` (B, positions, d_model)
+    from the frozen-encoder cache (every row of a split has its positions), as float32."""
     if "encoder_hidden_states" in batch:
         hidden = np.stack([np.asarray(h) for h in batch["encoder_hidden_states"]]).astype(np.float32)
         return {"encoder_hidden_states": torch.from_numpy(hidden)}

@@ -7,7 +7,10 @@ ends after ``max_steps`` optimizer steps, however often it restarts.
 
 The step and everything it needs live in ``train.step`` and work without Ray; this module adds what Ray brings:
 the worker group's device and DDP, reports (training metrics every ``train.log_every_steps`` steps, evaluations
-with a checkpoint), checkpoints handed to Ray and preemption notices.
+with a checkpoint), checkpoints handed to Ray and preemption notices. Every report carries the attempt's clock
+(``train.timing``) as it stood when the report's figures were taken. No report follows the last checkpoint: one
+sent after it was, once in three runs, never delivered to Tune and its trial never finished (Ray 2.60), so the last
+checkpoint's own save is counted in the trial's teardown (``tune.select.trial_time``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TypeVar
 
 import ray.train
@@ -42,6 +45,7 @@ from whisper_lora.train.step import (
     should_evaluate,
     train_step,
 )
+from whisper_lora.train.timing import AttemptClock, figures
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,14 +121,16 @@ def resume(worker: Worker) -> Progress:
 def train_loop_per_worker(config: dict) -> None:
     """Train ``train.max_steps`` optimizer steps, evaluating and checkpointing at epoch ends (and every N steps);
     when Ray reports that a node of this worker group is being preempted, checkpoint at once (no evaluation)."""
+    clock = AttemptClock()
     plan = WorkerPlan.model_validate(config)
     logging.getLogger("whisper_lora").setLevel(logging.INFO)  # Ray's worker handlers take INFO; the root is WARNING
     worker = _ray_worker(plan)
     progress = resume(worker)
+    clock.stamp_model(progress)
     reader = train_reader(plan, worker.device)
+    clock.stamp_data()
     since_report: list[StepResult] = []
     since_log = _Window(progress)
-    clock = time.perf_counter()
     saved_for_preemption = False
     while progress.step < plan.train.max_steps:
         for micro_batches, waited in epoch_groups(
@@ -132,44 +138,39 @@ def train_loop_per_worker(config: dict) -> None:
         ):
             result = train_step(worker, micro_batches)
             since_report.append(result)
-            progress.count(micro_batches, waited, worker.world)
+            progress.count(micro_batches, waited, worker.world, result.seconds)
             since_log.steps.append(result)
             epoch_end = progress.batches_done >= plan.micro_batches_per_epoch
             if epoch_end:
                 progress.next_epoch()
             if progress.step % plan.train.log_every_steps == 0:
-                _report_training(worker, progress, since_log)
+                with clock.phase("reporting"):
+                    _report_training(worker, progress, since_log, clock)
                 since_log = _Window(progress)
             evaluating = should_evaluate(plan.train, progress.step, epoch_end)
-            # a collective: every rank asks after the same steps (those not followed by an evaluation)
-            preempted = not evaluating and ray.train.get_preemption_info() is not None
+            with clock.phase("reporting"):  # a collective: every rank asks after the same steps (not evaluated)
+                preempted = not evaluating and ray.train.get_preemption_info() is not None
             if evaluating or (preempted and not saved_for_preemption):
-                reporting = time.perf_counter()
-                progress.train_seconds += reporting - clock
-                _report(worker, progress, since_report, evaluating)
+                _report(worker, progress, since_report, evaluating, clock)
                 saved_for_preemption = saved_for_preemption or preempted
-                clock = time.perf_counter()
-                since_log.started += clock - reporting  # evaluation and checkpoint: not in the curve's samples/s
                 since_report = []
             if epoch_end or progress.step >= plan.train.max_steps:
                 break
 
 
 class _Window:
-    """The steps since the last training report, and where ``Progress`` stood when it began: samples and data wait
-    of the window are the differences (``Progress.count`` is the one place they are counted)."""
+    """The steps since the last training report, and where ``Progress`` stood when it began: the window's figures
+    are differences (``Progress.count`` is the one place steps are counted)."""
 
     def __init__(self, progress: Progress) -> None:
         self.steps: list[StepResult] = []
-        self.samples = progress.samples
-        self.waited = progress.data_wait_seconds
-        self.started = time.perf_counter()
+        self.start = replace(progress)
 
 
-def _report_training(worker: Worker, progress: Progress, window: _Window) -> None:
+def _report_training(worker: Worker, progress: Progress, window: _Window, clock: AttemptClock) -> None:
     """The training curve: a report without checkpoint and without the primary metric (selection, keep-the-best
-    and early stopping only see evaluations), from every rank (a report is a collective)."""
-    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    and early stopping only see evaluations), from every rank (a report is a collective). Its figures cover the
+    steps since the previous training report (``timing.figures``)."""
     metrics = {
         "report_kind": "train",
         "node_id": ray.get_runtime_context().get_node_id(),  # Tune keeps rank 0's: where the trial ran (tune.select)
@@ -178,8 +179,8 @@ def _report_training(worker: Worker, progress: Progress, window: _Window) -> Non
         "loss": statistics.fmean(step.loss for step in window.steps),
         "learning_rate": worker.scheduler.get_last_lr()[0],
         "grad_norm": statistics.fmean(step.grad_norm for step in window.steps),
-        "samples_per_second": (progress.samples - window.samples) / elapsed,
-        "data_wait_seconds": progress.data_wait_seconds - window.waited,
+        **figures(progress, worker.world, since=window.start),
+        **clock.metrics(progress),
     }
     if worker.rank == 0:  # the console shows the trial's report (console.TrialProgress); the worker log keeps this
         log.debug("step %d/%d loss %.4f grad norm %.3f lr %.2e", progress.step, worker.plan.train.max_steps,
@@ -216,12 +217,11 @@ def _evaluate(worker: Worker) -> dict:
     return scores
 
 
-def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluating: bool) -> None:
-    """Report the same metrics from every worker; all evaluate, each its shard of the eval split (unless this is a
-    preemption checkpoint), and rank 0 checkpoints the adapter. ``samples_per_second`` counts everything since the
-    start (data included, evaluation not); ``step_seconds`` is the median compute time of an optimizer step since
-    the last report (``steps``), and ``data_wait_seconds`` how long batches kept the loop waiting."""
-    train_seconds = max(progress.train_seconds, 1e-9)
+def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluating: bool, clock: AttemptClock) -> None:
+    """Report the same metrics from every worker; all evaluate, each its shard of the eval split
+    (unless this is a preemption checkpoint), and rank 0 checkpoints the adapter. The training figures cover every
+    step so far (``timing.figures``: step time, samples/s and accelerator-seconds from the same compute and data-wait
+    sums); ``loss`` is the mean of the steps since the last such report (``steps``)."""
     metrics = {
         "report_kind": "evaluation" if evaluating else "preemption",
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -229,17 +229,14 @@ def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluat
         "epoch": progress.epoch,
         "loss": statistics.fmean(step.loss for step in steps),
         "learning_rate": worker.scheduler.get_last_lr()[0],
-        "samples_per_second": progress.samples / train_seconds,
-        "audio_seconds_per_second": progress.audio_seconds / train_seconds,
-        "step_seconds": statistics.median(step.seconds for step in steps),
-        "data_wait_seconds": progress.data_wait_seconds,
-        "accelerator_seconds": progress.train_seconds * worker.world,
+        **figures(progress, worker.world),
         "peak_memory_bytes": _peak_memory_bytes(worker.device),
         "checkpoint_reason": "evaluation" if evaluating else "preemption",
         **worker.facts,
     }
     if evaluating:  # a collective: every rank decodes its shard of the eval split
-        scores = _evaluate(worker)
+        with clock.phase("evaluation"):
+            scores = _evaluate(worker)
         worker.scores = {key: scores[key] for key in ("wer", "cer", "raw_wer", PRIMARY, "utterances", "normalizer")}
         worker.scores["eval_seconds"] = scores["seconds"]
     elif worker.rank == 0:
@@ -247,7 +244,8 @@ def _report(worker: Worker, progress: Progress, steps: list[StepResult], evaluat
     # a preemption checkpoint carries the last evaluation's scores (so Ray's keep-the-best policy keeps it beside
     # that evaluated one), or +inf before any evaluation; selection never picks it (``tune.select``)
     metrics.update(worker.scores or {"wer": math.inf, "cer": math.inf, "raw_wer": math.inf, PRIMARY: math.inf})
-    _checkpoint(worker, progress, metrics)
+    with clock.phase("checkpoint"):
+        _checkpoint(worker, progress, metrics | clock.metrics(progress))
 
 
 def _checkpoint(worker: Worker, progress: Progress, metrics: dict) -> None:

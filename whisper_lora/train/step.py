@@ -21,6 +21,7 @@ from transformers import WhisperTokenizer, get_linear_schedule_with_warmup
 
 from whisper_lora.config import EvalConfig, TrainConfig
 from whisper_lora.data.collate import collate, model_inputs
+from whisper_lora.models.audio_context import context_frames, run_short_encoder
 from whisper_lora.storage import StorageOptions
 from whisper_lora.train.checkpoint import load_checkpoint, load_rng_states
 from whisper_lora.train.model import count_parameters, load_for_training
@@ -64,15 +65,16 @@ class Progress:
     samples: int = 0
     """Utterances trained on, all workers together."""
     audio_seconds: float = 0.0
-    train_seconds: float = 0.0
-    """Time spent training up to the last report: data loading included, evaluation not."""
+    compute_seconds: float = 0.0
+    """This worker's optimizer compute, summed over steps (``StepResult.seconds``)."""
     data_wait_seconds: float = 0.0
-    """Of that, the time this worker's loop waited for batches."""
+    """The time this worker's loop waited for batches. ``train.timing.figures`` derives every rate from these two."""
 
-    def count(self, micro_batches: Sequence[Rows], waited: float, world: int) -> None:
-        """One optimizer step over ``micro_batches``, which took ``waited`` seconds to arrive; each of the
-        ``world`` workers trained as many rows."""
+    def count(self, micro_batches: Sequence[Rows], waited: float, world: int, computed: float = 0.0) -> None:
+        """One optimizer step over ``micro_batches``, which took ``waited`` seconds to arrive and ``computed``
+        seconds to compute; each of the ``world`` workers trained as many rows."""
         self.step += 1
+        self.compute_seconds += computed
         self.batches_done += len(micro_batches)
         self.samples += sum(len(rows["id"]) for rows in micro_batches) * world
         self.audio_seconds += sum(float(sum(rows["duration_s"])) for rows in micro_batches) * world
@@ -174,7 +176,8 @@ def train_step(worker: Worker, micro_batches: Sequence[Rows]) -> StepResult:
     for index, rows in enumerate(micro_batches):
         with _reduced_if(worker.model, index == len(micro_batches) - 1):
             with worker.autocast():
-                loss = worker.model(**model_inputs(collate(rows), worker.device)).loss
+                batch = collate(rows, frames=context_frames(rows["duration_s"], train.audio_context))
+                loss = worker.model(**run_short_encoder(worker.model, model_inputs(batch, worker.device))).loss
             worker.scaler.scale(loss / len(micro_batches)).backward()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
@@ -211,4 +214,6 @@ def restore(worker: Worker, directory: str) -> Progress:
     saved = load_checkpoint(directory, worker.model, worker.optimizer, worker.scheduler, worker.scaler)
     if not load_rng_states(directory, worker.rank):
         log.warning("rank %d: the checkpoint holds no generator state: dropout is not replayed", worker.rank)
+    if "train_seconds" in saved:  # before compute was summed apart: it held compute, data wait and reports
+        saved["compute_seconds"] = saved.pop("train_seconds") - saved.get("data_wait_seconds", 0.0)
     return Progress(**saved)

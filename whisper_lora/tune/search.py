@@ -93,8 +93,13 @@ class PerLanguageASHA(FIFOScheduler):
         self._of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if METRIC not in result or result.get("checkpoint_reason") == "preemption":
-            return self.CONTINUE  # a training-curve row, or saved in a hurry: not scored, no grounds to stop a trial
+        """Only evaluations before the last step are judged: a training-curve row, a checkpoint saved in a hurry for
+        a preemption and the trial's own time report are no grounds to stop a trial, and one at ``max_t`` ends by
+        itself (a STOP there would cut the trial's own time report)."""
+        if result.get("report_kind") != "evaluation" or METRIC not in result:
+            return self.CONTINUE
+        if result.get("step", 0) >= self._settings["max_t"]:
+            return self.CONTINUE
         return self._of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:

@@ -4,7 +4,9 @@ checkpoint that still exists (Ray keeps only ``train.checkpoints_to_keep``), in 
 uses (``train.checkpoint.checkpoint_order``); checkpoints taken for a preemption carry no score of their own and
 are never selected. Training rows (``report_kind: "train"``: loss and learning rate, no checkpoint, no primary
 metric; NaN in Tune's table) only draw the trial's curve, its ``history``. Every report names the node of the Train
-run's rank 0 (``node_id``): a trial's ``nodes`` say where it ran, and where it moved after a restart."""
+run's rank 0 (``node_id``): a trial's ``nodes`` say where it ran, and where it moved after a restart. Every report
+also carries the clock of its worker-group attempt and the trial adds one report of its own (``train.timing``): a
+trial's ``time`` says where its wall time went."""
 
 from __future__ import annotations
 
@@ -24,10 +26,21 @@ from whisper_lora.manifest import (
     Scores,
     SelectedAdapter,
     TrialSummary,
+    TrialTime,
 )
 from whisper_lora.metrics import PRIMARY
 from whisper_lora.score import HeldOutScores
 from whisper_lora.train.checkpoint import checkpoint_order
+from whisper_lora.train.timing import (
+    AT,
+    ATTEMPT,
+    DATA_READY,
+    FIT_ENDED,
+    MODEL_READY,
+    PHASES,
+    TRAINABLE_STARTED,
+    TRIAL_TIME,
+)
 
 MAX_HISTORY = 200
 """Points of a trial's curve kept in the manifest: every evaluation first, training rows evenly thinned."""
@@ -49,6 +62,8 @@ class TrialOutcome:
     """The trial's curve: training loss and learning rate, and each evaluation's primary metric, by step."""
     nodes: list[str] = field(default_factory=list)
     """Ray node ids the trial's rank 0 reported from, in order of first report."""
+    time: TrialTime | None = None
+    """Where its wall time went; None when its reports carry no clock (from before it was reported)."""
 
     @property
     def failed(self) -> bool:
@@ -68,6 +83,7 @@ class TrialOutcome:
             error=self.error,
             history=self.history,
             nodes=self.nodes,
+            time=self.time,
         )
 
 
@@ -138,6 +154,50 @@ def nodes_of(reports: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["node_id"] for r in reports if isinstance(r.get("node_id"), str) and r["node_id"]))
 
 
+def trial_time(reports: Iterable[Mapping[str, Any]]) -> TrialTime | None:
+    """Where a trial's time went, from its reports (rank 0's, as Tune keeps them); None when none carries a clock.
+
+    Each worker-group attempt is its last report (the last evaluation, or the last before it failed): its
+    start-up from its stamps, its loop phases as they stood then; what the attempt did after it (the last
+    checkpoint's save, Train's shutdown) is the run's teardown. Each run of the trial that ended with its own report
+    (``timing.TRIAL_TIME``) adds its wall (Tune's ``time_since_restore``: from the trial actor's start), the Tune
+    and Train start-up before its first attempt and the teardown after its last; a run without that report adds
+    its attempts' spans. What no phase covers is ``other``."""
+    attempts: dict[float, Mapping[str, Any]] = {}
+    runs = []
+    for report in reports:
+        if _finite(report.get(ATTEMPT)) and _finite(report.get(AT)):
+            known = attempts.get(report[ATTEMPT])
+            if known is None or report[AT] >= known[AT]:
+                attempts[report[ATTEMPT]] = report
+        elif report.get("report_kind") == TRIAL_TIME and all(
+            _finite(report.get(key)) for key in ("time_since_restore", AT, TRAINABLE_STARTED, FIT_ENDED)
+        ):
+            runs.append(report)
+    if not attempts and not runs:
+        return None
+    seconds = dict.fromkeys(("tune_startup", "train_startup", "model_load", "dataset", *PHASES, "teardown"), 0.0)
+    for attempt in attempts.values():
+        seconds["model_load"] += attempt[MODEL_READY] - attempt[ATTEMPT]
+        seconds["dataset"] += attempt[DATA_READY] - attempt[MODEL_READY]
+        for phase in PHASES:
+            seconds[phase] += float(attempt.get(f"time_{phase}", 0.0))
+    wall, unclaimed = 0.0, set(attempts)
+    for run in runs:
+        actor = run[AT] - run["time_since_restore"]
+        mine = sorted(start for start in unclaimed if run[TRAINABLE_STARTED] <= start <= run[FIT_ENDED])
+        unclaimed -= set(mine)
+        wall += run[AT] - actor
+        seconds["tune_startup"] += run[TRAINABLE_STARTED] - actor
+        body_end = max((attempts[start][AT] for start in mine), default=run[TRAINABLE_STARTED])
+        seconds["train_startup"] += (mine[0] if mine else body_end) - run[TRAINABLE_STARTED]
+        seconds["teardown"] += run[AT] - body_end
+    wall += sum(attempts[start][AT] - start for start in unclaimed)
+    seconds = {name: max(value, 0.0) for name, value in seconds.items()}  # stamps of two clocks: never below zero
+    other = max(wall - sum(seconds.values()), 0.0)
+    return TrialTime(wall=sum(seconds.values()) + other, other=other, attempts=len(attempts), runs=len(runs), **seconds)
+
+
 def trial_outcome(
     trial_id: str,
     params: dict,
@@ -158,6 +218,7 @@ def trial_outcome(
         error=error,
         history=history_of(reports),
         nodes=nodes_of(reports),
+        time=trial_time(reports),
     )
 
 
