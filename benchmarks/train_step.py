@@ -5,7 +5,7 @@
 Needs prepared data (``make demo`` or ``whisper-lora prepare``). Plain loops build the worker Ray Train builds (same
 plan: model, optimizer, schedule, accumulation) without Ray, in a child process, and call the product's
 ``train_step`` over batches of the prepared split read up front; the Ray Train loop runs one CPU worker over it.
-Two figures each: ``step_s``, the median compute time of an optimizer step (the loop's own cost), and
+Two figures each: ``step_s``, the mean compute time of an optimizer step (the loop's own cost), and
 ``wall_step_s``, wall time per step with data loading and the first step included (evaluation excluded).
 Peak memory: RSS high-water mark of the process that trains (each plain mode runs in a fresh child process so
 the marks do not mix).
@@ -43,7 +43,7 @@ def plain_loop(plan: dict, train_dir: str, precision: str, steps: int, queue) ->
     queue.put(
         {
             "mode": f"plain {precision}",
-            "step_s": round(statistics.median(times), 2),
+            "step_s": round(statistics.fmean(times), 2),
             "wall_step_s": round(wall_step, 2),
             "samples_per_s": round(train.batch_size * train.grad_accum / wall_step, 3),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

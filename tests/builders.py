@@ -119,3 +119,25 @@ def write_split(directory: Path, files: list[int], row_group_rows: int = 8) -> P
         pq.write_table(table, directory / f"part-{index}.parquet", row_group_size=row_group_rows)
         number += rows
     return directory
+
+
+def write_prepared_split(prepared: Path, language: str, split: str, examples: list) -> None:
+    """``data.features`` examples written as ``prepare`` lays out one language's split (one Parquet file)."""
+    from ray.data.extensions import ArrowVariableShapedTensorArray
+
+    from whisper_lora.data.prepared import split_dir
+
+    features = np.empty(len(examples), dtype=object)
+    features[:] = [example.input_features for example in examples]
+    table = pa.table(
+        {
+            "id": [f"{split}-{index:02d}" for index in range(len(examples))],
+            "sentence": [example.sentence for example in examples],
+            "duration_s": pa.array([example.duration_s for example in examples], pa.float32()),
+            "label_ids": pa.array([example.label_ids.tolist() for example in examples], pa.list_(pa.int32())),
+            "input_features": ArrowVariableShapedTensorArray.from_numpy(features),
+        }
+    )
+    directory = split_dir(prepared, language, split)
+    directory.mkdir(parents=True)
+    pq.write_table(table, directory / "part-0.parquet")

@@ -10,15 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from ray.data.extensions import ArrowVariableShapedTensorArray
 from transformers import WhisperForConditionalGeneration
 
-from tests.builders import write_clip
+from tests.builders import write_clip, write_prepared_split
 from whisper_lora.config import EvalConfig, JobConfig, TrainConfig
 from whisper_lora.data.features import Featurizer
 from whisper_lora.data.prepared import prepared_dir, split_dir
@@ -207,20 +204,7 @@ def _write_prepared(prepared: Path, model_dir: str, splits: dict[str, int]) -> N
         for index in range(count):
             clip = write_clip(clips / f"{split}{index}.mp3", 0.5 + 0.2 * index)
             examples.append(featurizer.example(clip.read_bytes(), SENTENCES[index % len(SENTENCES)], "hi"))
-        features = np.empty(len(examples), dtype=object)
-        features[:] = [example.input_features for example in examples]
-        table = pa.table(
-            {
-                "id": [f"{split}-{index:02d}" for index in range(len(examples))],
-                "sentence": [example.sentence for example in examples],
-                "duration_s": pa.array([example.duration_s for example in examples], pa.float32()),
-                "label_ids": pa.array([example.label_ids.tolist() for example in examples], pa.list_(pa.int32())),
-                "input_features": ArrowVariableShapedTensorArray.from_numpy(features),
-            }
-        )
-        directory = split_dir(prepared, "hi", split)
-        directory.mkdir(parents=True)
-        pq.write_table(table, directory / "part-0.parquet")
+        write_prepared_split(prepared, "hi", split, examples)
 
 
 def _config(root: Path, model_dir: str, **train) -> JobConfig:

@@ -9,15 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from ray.data.extensions import ArrowVariableShapedTensorArray
 
-from tests.builders import write_clip
+from tests.builders import write_clip, write_prepared_split
 from whisper_lora.data.features import Featurizer
-from whisper_lora.data.prepared import split_dir
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_seq2seq_trainer.py"
 SENTENCES = ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह बारह", "तेरह चौदह", "पंद्रह सोलह", "सत्रह अठारह",
@@ -45,20 +40,7 @@ def _write_prepared(root: Path, model_dir: str) -> Path:
         for index, sentence in enumerate(sentences):
             clip = write_clip(root / "clips" / f"{split}{index}.mp3", 0.5 + 0.1 * index)
             examples.append(featurizer.example(clip.read_bytes(), sentence, "hi"))
-        features = np.empty(len(examples), dtype=object)
-        features[:] = [example.input_features for example in examples]
-        table = pa.table(
-            {
-                "id": [f"{split}-{index:02d}" for index in range(len(examples))],
-                "sentence": [example.sentence for example in examples],
-                "duration_s": pa.array([example.duration_s for example in examples], pa.float32()),
-                "label_ids": pa.array([example.label_ids.tolist() for example in examples], pa.list_(pa.int32())),
-                "input_features": ArrowVariableShapedTensorArray.from_numpy(features),
-            }
-        )
-        directory = split_dir(prepared, "hi", split)
-        directory.mkdir(parents=True)
-        pq.write_table(table, directory / "part-0.parquet")
+        write_prepared_split(prepared, "hi", split, examples)
     return prepared
 
 

@@ -13,8 +13,8 @@ MEASURED_ROWS = [
     # (label, key in a measurement, scale, format)
     ("trainable parameters", "trainable_parameters", 1, "{:,.0f}"),
     ("total parameters", "total_parameters", 1, "{:,.0f}"),
-    ("step time, s (median compute)", "step_seconds", 1, "{:.2f}"),
-    ("samples/s (whole run, data included)", "samples_per_second", 1, "{:.3f}"),
+    ("step time, s (mean compute)", "step_seconds", 1, "{:.2f}"),
+    ("samples/s (compute + data wait)", "samples_per_second", 1, "{:.3f}"),
     ("audio-seconds/s", "audio_seconds_per_second", 1, "{:.2f}"),
     ("train time, s", "train_seconds", 1, "{:.1f}"),
     ("accelerator-seconds", "accelerator_seconds", 1, "{:.1f}"),
