@@ -240,7 +240,8 @@ def _time_table(trials: Sequence[TrialSummary]) -> list[str]:
         "Seconds per trial, as its Train run's rank 0 and the trial itself stamped them; the columns sum to the wall "
         "time. **Start-up**: Tune's trial actor / the Train controller and worker group (and `build_trainer`) / the "
         "model (and a checkpoint restored) / the dataset reader. **Compute**: optimizer steps (forward, backward, "
-        "optimizer). **Bookkeeping**: training-curve reports and preemption checks / the Train run's teardown / "
+        "optimizer). **Checkpoint**: every save but the last. **Bookkeeping**: training-curve reports and preemption "
+        "checks / the Train run's teardown (the last checkpoint's save, Train shutting down) / "
         "the rest (loop overhead, restarts). Trials ran side by side, so their walls overlap.",
         "",
         "| trial | language | rank | lr | wall | start-up (Tune / Train / model / data) | compute | data wait "
