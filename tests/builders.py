@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +145,20 @@ def write_prepared_split(prepared: Path, language: str, split: str, examples: li
     directory = split_dir(prepared, language, split)
     directory.mkdir(parents=True)
     pq.write_table(table, directory / "part-0.parquet")
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@contextmanager
+def benchmark_module(name: str) -> Iterator:
+    """``benchmarks/<name>.py`` imported as a module for the duration of the block (registered in ``sys.modules``,
+    where its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]

@@ -4,9 +4,7 @@ standard encoder at 3000), the training step and the frozen-encoder cache that u
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import WhisperForConditionalGeneration
 
-from tests.builders import write_clip, write_prepared_split
+from tests.builders import benchmark_module, write_clip, write_prepared_split
 from whisper_lora.config import EvalConfig, JobConfig, TrainConfig
 from whisper_lora.data.features import Featurizer
 from whisper_lora.data.prepared import prepared_dir, split_dir
@@ -32,7 +30,6 @@ from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.models.sizes import TINY_RANDOM, config_of
 from whisper_lora.train.step import WorkerPlan, build_worker, train_step
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "audio_context.py"
 PROMPT = [50258, 50276, 50359, 50363]  # <|startoftranscript|> <|hi|> <|transcribe|> <|notimestamps|>
 END = 50257
 SENTENCES = ["एक दो तीन", "चार पांच छह", "सात आठ नौ", "दस ग्यारह बारह", "तेरह चौदह", "पंद्रह सोलह"]
@@ -248,12 +245,8 @@ def test_the_cache_encodes_the_train_split_at_its_clip_frames_and_the_eval_split
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("audio_context_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("audio_context") as module:
+        yield module
 
 
 def test_the_benchmark_trains_both_ways_and_scores_every_model_under_both_inputs(bench, tmp_path, tiny_model_dir):

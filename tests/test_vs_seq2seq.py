@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import write_clip, write_prepared_split
+from tests.builders import benchmark_module, write_clip, write_prepared_split
 from whisper_lora.data.features import Featurizer
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_seq2seq_trainer.py"
@@ -22,12 +21,8 @@ SENTENCES = ["एक दो तीन", "चार पांच छह", "सा
 @pytest.fixture(scope="module")
 def bench():
     """The benchmark script as a module (its dataclasses need it in ``sys.modules``)."""
-    spec = importlib.util.spec_from_file_location("vs_seq2seq_trainer", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("vs_seq2seq_trainer") as module:
+        yield module
 
 
 def _write_prepared(root: Path, model_dir: str) -> Path:
