@@ -406,8 +406,8 @@ def run_project(setup: dict) -> dict:
     race.evaluate(worker.model, 0, 0)
     while not race.over():
         for micro_batches, waited in epoch_groups(reader, plan, 0, 1, progress.epoch):
-            train_step(worker, micro_batches)
-            progress.count(micro_batches, waited, 1)
+            step = train_step(worker, micro_batches)
+            progress.count(micro_batches, waited, 1, step.seconds)
             if race.due():
                 race.evaluate(worker.model, progress.step, progress.samples)
             if race.over():

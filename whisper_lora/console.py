@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import tune
 
-from whisper_lora.manifest import Manifest
+from whisper_lora.manifest import Manifest, timed_trials
 
 RAY_DATA_PROGRESS_EVERY_S = 60.0
 """Seconds between two progress lines of one Ray Data execution (Ray logs every 10 s, ~12 lines each time)."""
@@ -208,7 +208,7 @@ def summary_table(manifest: Manifest, location: str) -> str:
 
 def time_lines(manifest: Manifest) -> list[str]:
     """Where each trial's time went (``manifest.TrialTime``), one line per trial; none before schema 4."""
-    timed = sorted((t for t in manifest.trials if t.time), key=lambda t: (t.language, t.rank, t.learning_rate))
+    timed = timed_trials(manifest.trials)
     if not timed:
         return []
     lines = ["trial time, s: wall = start-up + compute + data wait + evaluation + checkpoint + bookkeeping"]

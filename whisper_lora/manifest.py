@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -275,6 +275,12 @@ class TrialSummary(_Record):
     restarted elsewhere); empty for manifests written before nodes were recorded."""
     time: TrialTime | None = None
     """Where the trial's wall time went; None before schema 4 (or when its reports carry no clock)."""
+
+
+def timed_trials(trials: Iterable[TrialSummary]) -> list[TrialSummary]:
+    """The trials that carry their time (schema 4), by language, rank and learning rate: as report.md and the
+    console list them."""
+    return sorted((t for t in trials if t.time), key=lambda t: (t.language, t.rank, t.learning_rate))
 
 
 class FailedTrial(_Record):

@@ -24,15 +24,17 @@ from whisper_lora.ray_runtime import init_ray
 log = logging.getLogger(__name__)
 
 
-def prepare(config: JobConfig) -> dict:
-    """Featurize train/eval/test splits of every configured language; returns what ``stats.json`` holds."""
+def prepare(config: JobConfig, fingerprint: str | None = None) -> dict:
+    """Featurize train/eval/test splits of every configured language; returns what ``stats.json`` holds.
+    ``fingerprint``: the source's, when the caller has just listed it (``ensure_prepared``)."""
     model = resolve_model(config.model)
     init_ray(config.ray)
     splits = _splits(config)
     out = prepared_dir(config)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    fingerprint = source_fingerprint(config.data, splits, config.storage)  # before reading: a later edit re-prepares
+    # taken before reading: an edit made while this runs prepares again next time
+    fingerprint = fingerprint or source_fingerprint(config.data, splits, config.storage)
     collector = StatsCollector.remote()
     started = time.perf_counter()
     dataset = featurize(config.data, model.path, splits, collector, config.storage)
@@ -65,9 +67,11 @@ def ensure_prepared(config: JobConfig) -> dict:
         stats = json.loads(stats_file.read_text(encoding="utf-8"))
         model = resolve_model(config.model)
         same = stats.get("data") == config.data.model_dump(mode="json") and stats["model"]["sha256"] == model.sha256
-        if same and stats.get("source_fingerprint") == source_fingerprint(config.data, _splits(config), config.storage):
-            log.info("reusing prepared data in %s", stats_file.parent)
-            return stats
         if same:
+            fingerprint = source_fingerprint(config.data, _splits(config), config.storage)
+            if stats.get("source_fingerprint") == fingerprint:
+                log.info("reusing prepared data in %s", stats_file.parent)
+                return stats
             log.info("the source files changed since %s was prepared: preparing again", stats_file.parent)
+            return prepare(config, fingerprint)
     return prepare(config)

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from whisper_lora.languages import get_language
-from whisper_lora.manifest import Manifest, PublishedAdapter, Scores, TrialSummary, TrialTime
+from whisper_lora.manifest import Manifest, PublishedAdapter, Scores, TrialSummary, TrialTime, timed_trials
 
 HEATMAP = "error_by_rank.png"
 BEST_VS_ZERO_SHOT = "best_vs_zero_shot.png"
@@ -230,7 +230,7 @@ def markdown(manifest: Manifest, curves: bool = False) -> str:
 def _time_table(trials: Sequence[TrialSummary]) -> list[str]:
     """Where each trial's wall time went (``TrialTime``), and all trials together; nothing for a manifest whose
     trials carry no time (before schema 4)."""
-    timed = sorted((t for t in trials if t.time), key=lambda t: (t.language, t.rank, t.learning_rate))
+    timed = timed_trials(trials)
     if not timed:
         return []
     lines = [

@@ -70,7 +70,7 @@ class Progress:
     data_wait_seconds: float = 0.0
     """The time this worker's loop waited for batches. ``train.timing.figures`` derives every rate from these two."""
 
-    def count(self, micro_batches: Sequence[Rows], waited: float, world: int, computed: float = 0.0) -> None:
+    def count(self, micro_batches: Sequence[Rows], waited: float, world: int, computed: float) -> None:
         """One optimizer step over ``micro_batches``, which took ``waited`` seconds to arrive and ``computed``
         seconds to compute; each of the ``world`` workers trained as many rows."""
         self.step += 1
