@@ -46,10 +46,10 @@ def tiny_model_dir(tmp_path_factory, ct2_files) -> str:
         TINY_RANDOM, suppress_tokens=ct2_config["suppress_ids"], begin_suppress_tokens=ct2_config["suppress_ids_begin"]
     )
     out = tmp_path_factory.mktemp("tiny-whisper")
+    torch.manual_seed(0)  # the same weights whatever ran before: greedy output of random weights is seed-sensitive
     model = WhisperForConditionalGeneration(config)
     # Default init (std 0.02) leaves every logit near zero whatever the hidden state; a trained model's
     # embeddings are larger. At std 0.2 a few LoRA steps can make the right token win, as on real weights.
-    torch.manual_seed(0)
     model.model.decoder.embed_tokens.weight.data.normal_(0.0, 0.2)
     tokenizer = build_tokenizer(ct2_files["tokenizer.json"])
     model.generation_config = generation_config(config, tokenizer, ct2_config)
