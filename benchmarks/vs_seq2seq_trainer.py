@@ -362,7 +362,7 @@ def encoder_cache(config: JobConfig, base: ResolvedModel, language: str, how: st
     if how == "ray":
         init_ray(config.ray)
         try:
-            return encode(config, base, [language], splits, torch.cuda.is_available())
+            return encode(config, base, [(language, split) for split in splits], torch.cuda.is_available())
         finally:
             ray.shutdown()  # training needs no Ray here: its processes' memory is given back
     root = encoded_root(config, base)

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ray.data.extensions import ArrowTensorArray
-from transformers import WhisperTokenizer
+from transformers import StoppingCriteriaList, WhisperTokenizer
 
 from tests.builders import free_port, random_adapters
 from whisper_lora.data.prepared import iter_batches
-from whisper_lora.evaluate import greedy_transcripts, score_split
+from whisper_lora.evaluate import PROMPT_TOKENS, RowCaps, greedy_transcripts, score_split
 from whisper_lora.languages import get_language
 from whisper_lora.metrics import ErrorCounts, error_counts, error_rates
 from whisper_lora.models.inference import load_for_inference
@@ -122,3 +122,24 @@ def test_a_row_cut_at_its_own_cap_reads_as_decoding_it_alone_with_that_cap(adapt
     ]
     assert together == alone
     assert len(together[1]) > len(together[0])  # the caps are the rows' own
+
+
+def test_a_batch_stops_when_every_row_has_its_cap_whatever_the_length_limit(adapted):
+    """``RowCaps`` finishes rows one by one: Whisper's ``generate`` must honour per-row stopping, or one looping row
+    holds a whole batch to the largest cap (evaluation time doubled on the demo's zero-shot Marathi)."""
+    base, adapter = adapted
+    model = load_for_inference(base, adapter, torch.device("cpu"), "fp32")
+    features = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 80, 3000)).astype(np.float32))
+    calls = []
+    model.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    caps = [3, 5]
+    stop = RowCaps(caps, PROMPT_TOKENS)
+    prompt = torch.zeros((2, PROMPT_TOKENS + 3), dtype=torch.long)
+    assert stop(prompt, None).tolist() == [True, False]
+    with torch.no_grad():
+        model.generate(input_features=features, language="hi", task="transcribe", max_new_tokens=40)
+        unstopped, calls[:] = len(calls), []
+        tokens = model.generate(input_features=features, language="hi", task="transcribe", max_new_tokens=40,
+                                stopping_criteria=StoppingCriteriaList([stop]))  # fmt: skip
+    assert unstopped > max(caps)  # these rows do not end by themselves within the caps
+    assert len(calls) == max(caps) and tokens.shape[1] <= max(caps) + PROMPT_TOKENS

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,19 +129,18 @@ def encode_actors(use_gpu: bool, gpus: int = 0) -> ActorPlan:
     return ActorPlan(max(1, cores // threads), threads)
 
 
-def encode(config: JobConfig, model: ResolvedModel, languages: list[str], splits: list[str], use_gpu: bool) -> Path:
-    """Encode every (language, split) not already current, one Ray Data pass per encoder length; returns the encoded
-    root."""
+def encode(config: JobConfig, model: ResolvedModel, splits: Iterable[tuple[str, str]], use_gpu: bool) -> Path:
+    """Encode every prepared (language, split) of ``splits`` not already current, one Ray Data pass per encoder
+    length; returns the encoded root."""
     root = encoded_root(config, model)
     pending: dict[int, list[tuple[str, str, dict]]] = {}
-    for language in languages:
-        for split in splits:
-            if not split_dir(prepared_dir(config), language, split).is_dir():
-                raise FileNotFoundError(f"no prepared {language}/{split}: run `whisper-lora prepare` first")
-            source = _source(config, model, language, split)
-            if not _is_current(_record(root, language, split), source):
-                frames = source.get("frames", WHISPER_FRAMES)
-                pending.setdefault(frames, []).append((language, split, source))
+    for language, split in splits:
+        if not split_dir(prepared_dir(config), language, split).is_dir():
+            raise FileNotFoundError(f"no prepared {language}/{split}: run `whisper-lora prepare` first")
+        source = _source(config, model, language, split)
+        if not _is_current(_record(root, language, split), source):
+            frames = source.get("frames", WHISPER_FRAMES)
+            pending.setdefault(frames, []).append((language, split, source))
     if not pending:
         return root
     started = time.perf_counter()

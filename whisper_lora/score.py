@@ -170,18 +170,19 @@ def score_with_and_without(
 
 
 def held_out_scores(
-    config: JobConfig, base: ResolvedModel, adapters: dict[str, Location], gpu: bool
+    config: JobConfig, base: ResolvedModel, data_root: Path, adapters: dict[str, Location], gpu: bool
 ) -> dict[str, HeldOutScores]:
-    """Each language's adapter (a peft directory at any location) and the base model on the prepared test split;
-    a language without prepared test rows is left out (with a warning)."""
+    """Each language's adapter (a peft directory at any location) and the base model on the test split under
+    ``data_root`` (prepared, or the frozen encoder's cached output); a language without test rows there is left out
+    (with a warning)."""
     split = config.data.test_split
     cache_file = config.run_dir / f"test_scores_{split}.json"
     cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
     keys, pending = {}, {}
     for language, adapter in adapters.items():
-        directory = split_dir(prepared_dir(config), language, split)
+        directory = split_dir(data_root, language, split)
         if not split_files(directory):
-            log.warning("%s: no prepared %s split at %s: no test scores", language, split, directory)
+            log.warning("%s: no %s split at %s: no test scores", language, split, directory)
             continue
         files = {name: record.sha256 for name, record in adapter_files(adapter).items()}
         keys[language] = json.loads(json.dumps({**_key(base, directory, config), "adapter": files}))

@@ -11,7 +11,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from whisper_lora.config import JobConfig
-from whisper_lora.data.prepared import prepared_dir, split_dir
+from whisper_lora.data.prepared import prepared_dir, split_dir, split_files
 from whisper_lora.encode import encode
 from whisper_lora.metrics import PRIMARY
 from whisper_lora.models.resolve import ResolvedModel, resolve_model
@@ -78,13 +78,22 @@ def worker_plan(
     )
 
 
-def training_data(config: JobConfig, base: ResolvedModel, languages: list[str], gpu: bool) -> Path:
+def training_data(
+    config: JobConfig, base: ResolvedModel, languages: list[str], gpu: bool, test_split: bool = False
+) -> Path:
     """Root of the splits training reads: the prepared log-mel, or with ``train.freeze_encoder`` the cached encoder
-    output (computed here for whatever is missing)."""
+    output (computed here for whatever is missing). ``test_split``: the test split is encoded too, where it is
+    prepared, so its zero-shot and adapter scores decode one encoder output instead of running the encoder twice
+    (with a frozen encoder the adapters are the decoder's only)."""
     if not config.train.freeze_encoder:
         return prepared_dir(config).resolve()
-    splits = [config.data.train_split, config.data.eval_split]
-    return encode(config, base, languages, splits, gpu).resolve()
+    data = config.data
+    splits = [(language, split) for language in languages for split in (data.train_split, data.eval_split)]
+    if test_split:
+        prepared = prepared_dir(config)
+        splits += [(language, data.test_split) for language in languages
+                   if split_files(split_dir(prepared, language, data.test_split))]  # fmt: skip
+    return encode(config, base, splits, gpu).resolve()
 
 
 def build_trainer(

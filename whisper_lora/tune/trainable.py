@@ -17,6 +17,7 @@ import logging
 import time
 
 from ray import tune
+from ray.train._internal.session import get_session
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from whisper_lora.config import JobConfig
@@ -44,5 +45,25 @@ def train_trial(params: dict, config: dict, base: ResolvedModel, gpu: bool) -> N
     fit_started = time.time()
     trainer.fit()
     ended = time.time()
+    forwarded_reports_taken(get_session())
     stamps = {TRAINABLE_STARTED: started, FIT_STARTED: fit_started, FIT_ENDED: ended, AT: time.time()}
     tune.report({"report_kind": TRIAL_TIME, **stamps})
+
+
+def forwarded_reports_taken(session, settle_s: float = 0.2, timeout_s: float = 120.0, poll_s: float = 0.05) -> bool:
+    """Wait until Tune's main thread has taken every report ``TuneReportCallback`` forwarded (its inter-actor queue
+    and the session's result queue both empty for ``settle_s``); False after ``timeout_s`` (logged). Call after
+    ``fit()`` returned: no report can arrive later, the Train controller has put its last one."""
+    forwarded = getattr(session, "_inter_actor_queue", None)
+    deadline = time.monotonic() + timeout_s
+    empty_since = None
+    while time.monotonic() < deadline:
+        if (forwarded is None or forwarded.empty()) and session.result_queue.empty():
+            empty_since = empty_since or time.monotonic()
+            if time.monotonic() - empty_since >= settle_s:
+                return True
+        else:
+            empty_since = None
+        time.sleep(poll_s)
+    log.warning("Tune had not taken the Train run's last reports after %.0f s; reporting anyway", timeout_s)
+    return False
