@@ -45,8 +45,9 @@ from whisper_lora.data.audio import SAMPLE_RATE
 from whisper_lora.data.features import Featurizer
 from whisper_lora.models.resolve import resolve_model
 from whisper_lora.models.sizes import SIZES, TINY_RANDOM, config_of, size_of
+from whisper_lora.train.plan import Rows, WorkerPlan
 from whisper_lora.train.precision import Device, PrecisionChoice, Requested, choose_precision, device_label
-from whisper_lora.train.step import Rows, WorkerPlan, build_worker, train_step
+from whisper_lora.train.step import build_worker, train_step
 
 LANGUAGE = "mr"
 """The reference notebook's language (Common Voice 11 Marathi)."""

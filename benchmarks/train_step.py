@@ -26,7 +26,8 @@ import torch
 from whisper_lora.config import load_config
 from whisper_lora.data.prepared import iter_batches, prepared_dir, split_dir
 from whisper_lora.models.resolve import resolve_base_model
-from whisper_lora.train.step import WorkerPlan, build_worker, train_step
+from whisper_lora.train.plan import WorkerPlan
+from whisper_lora.train.step import build_worker, train_step
 from whisper_lora.train.trainer import train_rows, worker_plan
 
 

@@ -382,7 +382,8 @@ def encoder_cache(config: JobConfig, base: ResolvedModel, language: str, how: st
 def run_project(setup: dict) -> dict:
     from whisper_lora.data.epochs import EpochReader
     from whisper_lora.train.loop import epoch_groups
-    from whisper_lora.train.step import Progress, build_worker, train_step
+    from whisper_lora.train.plan import Progress
+    from whisper_lora.train.step import build_worker, train_step
     from whisper_lora.train.trainer import worker_plan
 
     torch.set_num_threads(setup["threads"])

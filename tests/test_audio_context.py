@@ -28,7 +28,8 @@ from whisper_lora.models.audio_context import (
 )
 from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.models.sizes import TINY_RANDOM, config_of
-from whisper_lora.train.step import WorkerPlan, build_worker, train_step
+from whisper_lora.train.plan import WorkerPlan
+from whisper_lora.train.step import build_worker, train_step
 
 PROMPT = [50258, 50276, 50359, 50363]  # <|startoftranscript|> <|hi|> <|transcribe|> <|notimestamps|>
 END = 50257

@@ -62,3 +62,20 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     bad.write_text("from whisper_lora.report import report_files\nimport whisper_lora.job\n")
     assert imports_of(bad) == {"report", "job"}
     assert layer_of("report") > layer_of("publish") > layer_of("tune.select") > layer_of("train.loop")
+
+
+def test_a_tune_trial_and_the_train_controller_import_no_model_libraries():
+    """Each trial starts two Python processes that never build a model: the Tune trial (it unpickles
+    ``tune.trainable.train_trial``) and Ray Train's controller (it unpickles ``train.entry.train_loop_per_worker``).
+    Importing peft (bitsandbytes with it) and transformers' modeling code there cost ~16 s per process on a loaded
+    2-core node; only the workers need them."""
+    import subprocess
+    import sys
+
+    heavy = ["peft", "bitsandbytes", "transformers.modeling_utils", "whisper_lora.train.loop"]
+    code = (
+        "import sys, whisper_lora.tune.trainable, whisper_lora.train.entry\n"
+        f"print([name for name in {heavy!r} if name in sys.modules])"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded

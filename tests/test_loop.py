@@ -17,16 +17,8 @@ from whisper_lora.storage import open_location
 from whisper_lora.train import timing
 from whisper_lora.train.checkpoint import STATE, save_checkpoint, save_rng_states
 from whisper_lora.train.loop import epoch_groups
-from whisper_lora.train.step import (
-    Progress,
-    Rows,
-    Worker,
-    WorkerPlan,
-    build_worker,
-    restore,
-    should_evaluate,
-    train_step,
-)
+from whisper_lora.train.plan import Progress, Rows, WorkerPlan
+from whisper_lora.train.step import Worker, build_worker, restore, should_evaluate, train_step
 from whisper_lora.train.timing import AttemptClock, figures
 
 PROMPT = [50258, 50276, 50359, 50363]  # <|startoftranscript|> <|hi|> <|transcribe|> <|notimestamps|>

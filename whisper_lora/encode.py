@@ -36,7 +36,6 @@ import ray.data
 import torch
 from ray.data.datasource import Partitioning
 from ray.data.extensions import ArrowTensorArray
-from transformers import WhisperForConditionalGeneration
 
 from whisper_lora.config import JobConfig
 from whisper_lora.data.collate import stack_features
@@ -60,6 +59,8 @@ class EncodeBatch:
     log-mel frames (``frames / 2`` positions; Whisper's 30-s window by default)."""
 
     def __init__(self, model_path: str, threads: int, frames: int = WHISPER_FRAMES) -> None:
+        from transformers import WhisperForConditionalGeneration  # in the actor: the trials import this module too
+
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32

@@ -10,9 +10,8 @@ damage. CER ranks them; WER is reported alongside.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
-
-from transformers.models.whisper.tokenization_whisper import LANGUAGES as WHISPER_LANGUAGES
 
 Metric = Literal["wer", "cer"]
 Naming = Literal["code", "name", "fleurs"]
@@ -71,12 +70,21 @@ REGISTERED: dict[str, Language] = {
 }
 
 
+@cache
+def whisper_languages() -> dict[str, str]:
+    """Whisper's language codes → English names, as transformers' Whisper tokenizer lists them. Imported on first
+    use: the registered languages need no transformers, and every Ray process that reads a config imports this."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return LANGUAGES
+
+
 def get_language(code: str) -> Language:
     """The registered language for ``code``, or a plain WER-ranked entry for any other Whisper language."""
     if code in REGISTERED:
         return REGISTERED[code]
-    if code in WHISPER_LANGUAGES:
-        return Language(code, WHISPER_LANGUAGES[code], None, "wer", None)
+    if code in whisper_languages():
+        return Language(code, whisper_languages()[code], None, "wer", None)
     raise ValueError(f"unknown language code {code!r}: use one of Whisper's codes, e.g. {', '.join(REGISTERED)}")
 
 
@@ -99,8 +107,8 @@ def language_lookup(overrides: dict[str, str] | None = None) -> dict[str, str]:
     """Every spelling a dataset may use for a language, case-folded → Whisper code: the codes and English names
     of all Whisper languages, the registered FLEURS names, and ``overrides`` (code → spelling) on top. A FLEURS
     row says ``"Hindi"`` where its directory says ``hi_in``: both resolve to ``hi``, whatever the path naming."""
-    lookup = {name.casefold(): code for code, name in WHISPER_LANGUAGES.items()}
-    lookup |= {code.casefold(): code for code in WHISPER_LANGUAGES}
+    lookup = {name.casefold(): code for code, name in whisper_languages().items()}
+    lookup |= {code.casefold(): code for code in whisper_languages()}
     lookup |= {lang.fleurs.casefold(): code for code, lang in REGISTERED.items() if lang.fleurs}
     lookup |= {spelled.casefold(): code for code, spelled in (overrides or {}).items()}
     return lookup

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+if TYPE_CHECKING:  # the modeling module (torch's compiler with it) loads where a model is built, not here
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 AudioContext = Literal["full", "clip"]
 WHISPER_FRAMES = 3000

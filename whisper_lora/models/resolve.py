@@ -37,7 +37,6 @@ from pathlib import Path
 from filelock import FileLock
 
 from whisper_lora.config import ModelConfig
-from whisper_lora.models.ctranslate2 import IMPORTER_VERSION, import_model, model_bin_parts
 
 
 @dataclass(frozen=True)
@@ -118,6 +117,9 @@ def _is_transformers_dir(path: Path) -> bool:
 
 
 def _import_cached(name: str, files: dict[str, Path], cache_dir: Path, expected_sha256: str | None) -> tuple[Path, str]:
+    # The importer (torch, transformers) loads only here: every Tune trial unpickles a ResolvedModel.
+    from whisper_lora.models.ctranslate2 import IMPORTER_VERSION, import_model, model_bin_parts
+
     parts = model_bin_parts(files)
     if "tokenizer.json" not in files:
         raise ModelNotFound(f"{name}: a CTranslate2 Whisper needs tokenizer.json beside model.bin")

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from whisper_lora.metrics import PRIMARY
@@ -69,6 +68,8 @@ def save_checkpoint(
     progress: dict,
 ) -> Path:
     """Write a resumable checkpoint into ``directory``; ``progress`` holds step and epoch position."""
+    from peft import PeftModel  # here, not at import: the Tune trial reads this module's names only
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     inner = unwrap(model)
@@ -96,6 +97,8 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None,
 ) -> dict:
     """Restore weights and training state from ``directory``; returns the saved ``progress``."""
+    from peft import PeftModel, set_peft_model_state_dict
+
     directory = Path(directory)
     inner = unwrap(model)
     device = next(inner.parameters()).device

@@ -34,17 +34,8 @@ from whisper_lora.evaluate import score_split
 from whisper_lora.metrics import PRIMARY
 from whisper_lora.storage import open_location
 from whisper_lora.train.checkpoint import save_checkpoint, save_rng_states, unwrap
-from whisper_lora.train.step import (
-    Progress,
-    Rows,
-    StepResult,
-    Worker,
-    WorkerPlan,
-    build_worker,
-    restore,
-    should_evaluate,
-    train_step,
-)
+from whisper_lora.train.plan import Progress, Rows, WorkerPlan
+from whisper_lora.train.step import StepResult, Worker, build_worker, restore, should_evaluate, train_step
 from whisper_lora.train.timing import AttemptClock, figures
 
 log = logging.getLogger(__name__)

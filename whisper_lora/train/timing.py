@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from whisper_lora.train.step import Progress
+from whisper_lora.train.plan import Progress
 
 ATTEMPT = "time_attempt"
 """Wall clock when the attempt entered the loop: also what tells one attempt's reports from another's."""

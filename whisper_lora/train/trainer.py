@@ -18,8 +18,8 @@ from whisper_lora.models.resolve import ResolvedModel, resolve_model
 from whisper_lora.ray_runtime import ray_storage
 from whisper_lora.resources import use_gpu, worker_resources
 from whisper_lora.train.checkpoint import ADAPTER_DIR, checkpoint_order
-from whisper_lora.train.loop import train_loop_per_worker
-from whisper_lora.train.step import WorkerPlan
+from whisper_lora.train.entry import train_loop_per_worker
+from whisper_lora.train.plan import WorkerPlan
 
 log = logging.getLogger(__name__)
 
