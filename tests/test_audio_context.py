@@ -278,3 +278,20 @@ def test_the_benchmark_trains_both_ways_and_scores_every_model_under_both_inputs
     ]
     assert all(s["utterances"] == 2 and s["decode_seconds_per_utterance"] > 0 for s in result["scores"])
     assert "trained on" in bench.table(result)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_the_encoder_cache_benchmark_times_the_cache_and_a_plain_loop_on_the_same_rows(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir)
+    _write_prepared(prepared_dir(config), tiny_model_dir, {"dev": 3, "test": 2})
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json")), encoding="utf-8")
+    out = tmp_path / "figures.json"
+    with benchmark_module("encoder_cache") as module:
+        result = module.main(["--config", str(path), "--splits", "dev,test", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(result))
+    assert result["utterances"] == 5 and result["splits"] == ["hi/dev", "hi/test"]
+    assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in result["seconds"].values())
+    assert result["cache_over_plain"] > 0
+    assert not (prepared_dir(config).parent / "encoded").exists()  # the real run directory is left as it was

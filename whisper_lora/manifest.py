@@ -9,7 +9,8 @@ and ``error``. A manifest from a newer whisper-lora is refused with a clear erro
 rather than half-understood: a downstream job must not act on fields it cannot see. A field added within version 3
 (the trials' ``nodes``) has a default, so a manifest written before it reads as it always did; a whisper-lora
 from before it refuses a manifest that has it, naming the field (no field is ever ignored), as it would refuse a
-newer version.
+newer version. Version 4 adds each trial's time split (``TrialTime``: start-up, compute, data wait, evaluation,
+checkpointing, bookkeeping); 3 reads as 4 with ``time`` null.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def training_data(
         prepared = prepared_dir(config)
         splits += [(language, data.test_split) for language in languages
                    if split_files(split_dir(prepared, language, data.test_split))]  # fmt: skip
-    return encode(config, base, splits, gpu).resolve()
+    return encode(config, base, list(dict.fromkeys(splits)), gpu).resolve()  # a test split may be the eval split
 
 
 def build_trainer(
