@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -17,19 +18,24 @@ from tests.builders import benchmark_module, write_clip, write_prepared_split
 from whisper_lora.config import EvalConfig, JobConfig, TrainConfig
 from whisper_lora.data.features import Featurizer
 from whisper_lora.data.prepared import prepared_dir, split_dir
-from whisper_lora.encode import EncodeBatch, _source, split_frames
+from whisper_lora.encode import EncodeBatch, _source, encode, split_buckets
 from whisper_lora.models.audio_context import (
     WHISPER_FRAMES,
+    bucket_of,
     context_frames,
     encode_frames,
     encoder_of,
     frames_for,
+    length_buckets,
     run_short_encoder,
 )
 from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.models.sizes import TINY_RANDOM, config_of
+from whisper_lora.storage import open_location
+from whisper_lora.train.loop import epoch_groups
 from whisper_lora.train.plan import WorkerPlan
 from whisper_lora.train.step import build_worker, train_step
+from whisper_lora.train.trainer import worker_plan
 
 PROMPT = [50258, 50276, 50359, 50363]  # <|startoftranscript|> <|hi|> <|transcribe|> <|notimestamps|>
 END = 50257
@@ -222,11 +228,11 @@ def test_the_cache_encodes_the_train_split_at_its_clip_frames_and_the_eval_split
     full, clip = _config(tmp_path, tiny_model_dir), _config(tmp_path, tiny_model_dir, audio_context="clip")
     _write_prepared(prepared_dir(full), tiny_model_dir, {"train": 4, "dev": 2})
     model = ResolvedModel(spec=tiny_model_dir, path=tiny_model_dir, sha256="0" * 64)
-    assert split_frames(clip, "hi", "train") == 200  # the longest clip, 1.1 s, and 0.5 s of silence: 2 s
-    assert split_frames(clip, "hi", "dev") == split_frames(full, "hi", "train") == WHISPER_FRAMES
-    # A 30-s encoding keeps the record it always had; a clip encoding names its frames, so a change re-encodes.
+    assert split_buckets(clip, "hi", "train") == [200]  # every clip (0.5-1.1 s) and 0.5 s of silence: 2 s
+    assert split_buckets(clip, "hi", "dev") == split_buckets(full, "hi", "train") == [WHISPER_FRAMES]
+    # A 30-s encoding keeps the record it always had; a clip encoding names its buckets, so a change re-encodes.
     assert "frames" not in _source(full, model, "hi", "train")
-    assert _source(clip, model, "hi", "train") == {**_source(full, model, "hi", "train"), "frames": 200}
+    assert _source(clip, model, "hi", "train") == {**_source(full, model, "hi", "train"), "frames": [200]}
     assert _source(clip, model, "hi", "dev") == _source(full, model, "hi", "dev")
 
     from whisper_lora.data.prepared import iter_batches
@@ -242,6 +248,65 @@ def test_the_cache_encodes_the_train_split_at_its_clip_frames_and_the_eval_split
 
         expected = encoder(stack_features(rows["input_features"])).last_hidden_state.to(torch.float16).numpy()
     np.testing.assert_array_equal(standard, expected)
+
+
+@pytest.mark.parametrize(
+    ("durations", "min_rows", "buckets"),
+    [
+        ([0.5] * 4 + [1.6] * 3 + [2.7] * 2 + [9.0], 3, [200, 300, 1000]),  # 2.7 s and 9 s: too few apart
+        ([0.5] * 4 + [1.6] * 3 + [2.7] * 3 + [9.0] * 2, 3, [200, 300, 400, 1000]),  # 9 s: half a bucket, its own
+        ([0.5] * 4 + [9.0], 4, [1000]),  # one 9-s clip: too few for a bucket, it joins the one before
+        ([0.5] * 4 + [1.6] * 3, 8, [300]),  # fewer clips than a bucket holds: one, the longest clip's
+        ([2.4, 0.5, 0.6, 2.3], 2, [200, 300]),  # unsorted input
+    ],
+)
+def test_length_buckets_merge_neighbouring_lengths_until_each_holds_enough_clips(durations, min_rows, buckets):
+    assert length_buckets(durations, min_rows) == buckets
+    assert bucket_of(0.1, buckets) == buckets[0] and bucket_of(max(durations), buckets) == buckets[-1]
+    assert bucket_of(1.6, buckets) == min(b for b in buckets if b >= 300)
+    assert bucket_of(40.0, buckets) == buckets[-1]  # longer than any bucket: the longest
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_the_cache_writes_one_file_per_length_bucket_and_training_batches_never_mix_them(
+    ray_local, tmp_path, tiny_model_dir, monkeypatch
+):
+    from whisper_lora.data import epochs
+    from whisper_lora.models import audio_context
+
+    monkeypatch.setattr(audio_context, "BUCKET_MIN_ROWS", 3)
+    config = _config(tmp_path, tiny_model_dir, audio_context="clip", batch_size=2)
+    _write_prepared(prepared_dir(config), tiny_model_dir, {"train": 7, "dev": 2})  # 0.5-1.7 s: 200 and 300 frames
+    model = ResolvedModel(spec=tiny_model_dir, path=tiny_model_dir, sha256="0" * 64)
+    root = encode(config, model, [("hi", "train"), ("hi", "dev")], use_gpu=False)
+    train = split_dir(root, "hi", "train")
+    shapes = {}
+    for file in sorted(train.glob("*.parquet")):
+        table = pq.read_table(file)
+        hidden = table.column("encoder_hidden_states").combine_chunks().to_numpy()
+        durations = sorted(table.column("duration_s").to_pylist())
+        shapes[file.name.split("-")[0]] = (table.num_rows, hidden.shape[1:], durations)
+    assert {name: (rows, shape) for name, (rows, shape, _) in shapes.items()} == {
+        "frames200": (5, (100, 64)),
+        "frames300": (2, (150, 64)),
+    }  # 0.5-1.3 s need 2 s, 1.5 and 1.7 s need 3 s (with 0.5 s of silence); 2 ≥ half of 3 rows: a bucket of its own
+    assert max(shapes["frames200"][2]) < min(shapes["frames300"][2])  # shortest clips in the shortest bucket
+    assert not any(f.name.startswith("frames") for f in split_dir(root, "hi", "dev").glob("*.parquet"))
+    assert encode(config, model, [("hi", "train")], use_gpu=False) == root  # current: nothing encoded again
+    reader = epochs.EpochReader(open_location(str(train)), 2**30)
+    assert reader.bucket_rows == [5, 2]
+    plan = worker_plan(config, tiny_model_dir, "hi", reader.bucket_rows, str(train), str(train))
+    assert plan.micro_batches_per_epoch == 3  # 2 of the 200-frame bucket (one row sits each epoch out), 1 of 300
+    worker = build_worker(plan, torch.device("cpu"))
+    for epoch in range(3):
+        seen = []
+        for micro_batches, _ in epoch_groups(reader, plan, 0, 1, epoch):
+            (rows,) = micro_batches
+            assert len({h.shape for h in rows["encoder_hidden_states"]}) == 1
+            seen += list(rows["id"])
+            assert train_step(worker, micro_batches).loss > 0
+        assert len(seen) == len(set(seen)) == 6
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ from whisper_lora.data.epochs import (
     CACHE_SHARE,
     CHUNK_ROWS,
     EpochReader,
+    bucketed,
     epoch_order,
+    global_batches,
     layout,
     node_cache_bytes,
     worker_batches,
@@ -47,6 +49,22 @@ def test_workers_take_equal_disjoint_slices_of_every_global_micro_batch():
     assert np.array_equal(np.concatenate([mine[0][0], mine[1][0]]), order[:6])  # global micro-batch 0
     with pytest.raises(ValueError, match=r"the split has 25 rows: 2 worker\(s\) × 5 batch\(es\) of 3 need 30"):
         worker_batches(order, 0, world=2, batch_size=3, micro_batches=5)
+
+
+def test_a_bucketed_order_deals_each_global_micro_batch_from_one_bucket_and_keeps_the_shuffle():
+    buckets = np.array([200] * 13 + [300] * 9 + [1000] * 5)
+    order = epoch_order([27], seed=5, epoch=0, window=27)
+    dealt = bucketed(order, buckets, together=4)
+    groups = dealt.reshape(-1, 4)
+    assert len(groups) == global_batches([13, 9, 5], 4) == 3 + 2 + 1
+    assert all(len(set(buckets[group])) == 1 for group in groups)
+    assert len(set(dealt)) == len(dealt)  # a row at most once; each bucket's remainder (1, 1, 1) sits out
+    # a group is dealt where the order reaches its last row, and keeps its rows' relative order
+    positions = {int(row): at for at, row in enumerate(order)}
+    assert [max(positions[int(r)] for r in group) for group in groups] == sorted(
+        max(positions[int(r)] for r in group) for group in groups
+    )
+    assert np.array_equal(bucketed(order, np.zeros(27, int), 4), order[:24])  # one bucket: the order itself
 
 
 def test_the_reader_returns_the_rows_of_the_order_with_their_columns(tmp_path):

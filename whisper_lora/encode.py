@@ -10,11 +10,13 @@ the result: ``<run_dir>/encoded/<model sha12>/language=<code>/split=<name>/*.par
 Whisper's 3000; anything stale or partial is encoded again.
 
 Positions are 1500 (Whisper's 30-s window) except for the train split under ``train.audio_context=clip``: there every
-utterance is encoded over the frames the split's longest clip needs (``models.audio_context.frames_for``), one length
-per split, so its rows stack into batches without an encoder mask. The eval split is always encoded at 30 s: the
-trials' dev scores select the published adapter and must compare with the zero-shot and test scores, which decode
-the standard input. Splits of one length are encoded in one Ray Data pass (a pass's Parquet writer cannot mix
-tensor shapes).
+utterance is encoded over the frames of its length bucket (``models.audio_context.length_buckets``: whole seconds,
+neighbouring lengths merged until a bucket holds enough rows), one file per bucket (``frames<N>-…parquet``), and
+training deals each global micro-batch from one bucket (``data.epochs.bucketed``), so its rows stack without an
+encoder mask. The demo's clips average 3 s and reach 10-16 s: one length per split (the longest clip's) spent 2-3x
+the encoder frames. The eval split is always encoded at 30 s: the trials' dev scores select the published adapter
+and must compare with the zero-shot and test scores, which decode the standard input. Rows of one length are
+encoded in one Ray Data pass (a pass's Parquet writer cannot mix tensor shapes).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ from ray.data.extensions import ArrowTensorArray
 
 from whisper_lora.config import JobConfig
 from whisper_lora.data.collate import stack_features
-from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, prepared_dir, split_dir, split_files
+from whisper_lora.data.prepared import PARQUET_WRITE_ARGS, bucket_file_name, prepared_dir, split_dir, split_files
 from whisper_lora.data.sources import footers_in_read_tasks
-from whisper_lora.models.audio_context import WHISPER_FRAMES, context_frames, encode_frames
+from whisper_lora.models import audio_context
+from whisper_lora.models.audio_context import WHISPER_FRAMES, encode_frames, frames_for, length_buckets
 from whisper_lora.models.resolve import ResolvedModel
 from whisper_lora.resources import gpu_count, task_options
 
@@ -85,22 +88,22 @@ class EncodeBatch:
         return pa.table(columns)
 
 
-def split_frames(config: JobConfig, language: str, split: str) -> int:
-    """Log-mel frames ``split`` is encoded over: under ``train.audio_context=clip`` the train split's longest clip's
-    (plus its margin, whole seconds), Whisper's 3000 for every other split and setting."""
+def split_buckets(config: JobConfig, language: str, split: str) -> list[int]:
+    """Log-mel frames of the length buckets ``split`` is encoded over: under ``train.audio_context=clip`` the train
+    split's ``length_buckets``, Whisper's 3000 (one bucket) for every other split and setting."""
     if split != config.data.train_split or config.train.audio_context == "full":
-        return WHISPER_FRAMES
+        return [WHISPER_FRAMES]
     durations = pq.read_table(split_dir(prepared_dir(config), language, split), columns=["duration_s"])
-    return context_frames(durations.column("duration_s").to_pylist(), config.train.audio_context)
+    return length_buckets(durations.column("duration_s").to_pylist(), audio_context.BUCKET_MIN_ROWS)
 
 
 def _source(config: JobConfig, model: ResolvedModel, language: str, split: str) -> dict:
-    """What an encoded split depends on: the model's content, the prepared split's files and the frames it is
-    encoded over (named only when not Whisper's 3000: a 30-s encoding keeps the record it always had)."""
+    """What an encoded split depends on: the model's content, the prepared split's files and the frames of its
+    length buckets (named only when not Whisper's 3000: a 30-s encoding keeps the record it always had)."""
     files = split_files(split_dir(prepared_dir(config), language, split))
     source = {"model_sha256": model.sha256, "language": language, "split": split, "prepared_files": files}
-    frames = split_frames(config, language, split)
-    return source if frames == WHISPER_FRAMES else {**source, "frames": frames}
+    buckets = split_buckets(config, language, split)
+    return source if buckets == [WHISPER_FRAMES] else {**source, "frames": buckets}
 
 
 def _record(root: Path, language: str, split: str) -> Path:
@@ -132,59 +135,91 @@ def encode_actors(use_gpu: bool, gpus: int = 0) -> ActorPlan:
 
 def encode(config: JobConfig, model: ResolvedModel, splits: Iterable[tuple[str, str]], use_gpu: bool) -> Path:
     """Encode every prepared (language, split) of ``splits`` not already current, one Ray Data pass per encoder
-    length; returns the encoded root."""
+    length (a split's rows of one length bucket, or all of them); returns the encoded root."""
     root = encoded_root(config, model)
-    pending: dict[int, list[tuple[str, str, dict]]] = {}
+    stale: dict[tuple[str, str], dict] = {}
+    passes: dict[int, list[Rows]] = {}
     for language, split in splits:
         if not split_dir(prepared_dir(config), language, split).is_dir():
             raise FileNotFoundError(f"no prepared {language}/{split}: run `whisper-lora prepare` first")
         source = _source(config, model, language, split)
         if not _is_current(_record(root, language, split), source):
-            frames = source.get("frames", WHISPER_FRAMES)
-            pending.setdefault(frames, []).append((language, split, source))
-    if not pending:
+            stale[language, split] = source
+            buckets = source.get("frames", [WHISPER_FRAMES])
+            for shorter, frames in zip([0, *buckets[:-1]], buckets, strict=True):
+                longest = frames if frames < buckets[-1] else WHISPER_FRAMES  # the last bucket takes any longer clip
+                passes.setdefault(frames, []).append(Rows(language, split, shorter, longest))
+    if not stale:
         return root
     started = time.perf_counter()
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     plan = encode_actors(use_gpu, gpu_count(config))
-    for frames, splits_at in sorted(pending.items()):
-        done = [(language, split) for language, split, _ in splits_at]
-        _encode_pass(config, model, done, frames, use_gpu, plan, staging)
-        for language, split, source in splits_at:
-            target = split_dir(root, language, split)
-            _record(root, language, split).unlink(missing_ok=True)
-            shutil.rmtree(target, ignore_errors=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            split_dir(staging, language, split).rename(target)
-            _record(root, language, split).parent.mkdir(parents=True, exist_ok=True)
-            _record(root, language, split).write_text(json.dumps(source), encoding="utf-8")
-        shutil.rmtree(staging, ignore_errors=True)
+    for frames, rows in sorted(passes.items()):
+        _encode_pass(config, model, rows, frames, use_gpu, plan, staging / str(frames))
+    for (language, split), source in stale.items():
+        target = split_dir(root, language, split)
+        _record(root, language, split).unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        bucketed = "frames" in source
+        for frames in source.get("frames", [WHISPER_FRAMES]):
+            for file in sorted(split_dir(staging / str(frames), language, split).glob("*.parquet")):
+                file.rename(target / (bucket_file_name(frames, file.name) if bucketed else file.name))
+        _record(root, language, split).parent.mkdir(parents=True, exist_ok=True)
+        _record(root, language, split).write_text(json.dumps(source), encoding="utf-8")
+    shutil.rmtree(staging, ignore_errors=True)
     names = ", ".join(
-        f"{language}/{split}" + ("" if frames == WHISPER_FRAMES else f" ({frames} frames)")
-        for frames, splits_at in sorted(pending.items())
-        for language, split, _ in splits_at
+        f"{language}/{split}" + (f" (frames {source['frames']})" if "frames" in source else "")
+        for (language, split), source in stale.items()
     )
     log.info("encoded %s in %.1f s → %s", names, time.perf_counter() - started, root)
     return root
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The rows of a prepared split whose clips need more than ``shorter`` and at most ``longest`` frames."""
+
+    language: str
+    split: str
+    shorter: int
+    longest: int
+
+
+def _in_pass(rows: list[Rows]):
+    """Ray Data batch filter: the rows of a pass (by language, split and the frames each clip needs)."""
+    ranges = {(r.language, r.split): (r.shorter, r.longest) for r in rows}
+
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        needed = np.array([frames_for([duration]) for duration in batch["duration_s"]])
+        bounds = np.array([ranges[str(language), str(split)] for language, split in
+                           zip(batch["language"], batch["split"], strict=True)]).reshape(-1, 2)  # fmt: skip
+        mask = (needed > bounds[:, 0]) & (needed <= bounds[:, 1])
+        return {name: column[mask] for name, column in batch.items()}
+
+    return keep
+
+
 def _encode_pass(
     config: JobConfig,
     model: ResolvedModel,
-    splits: list[tuple[str, str]],
+    rows: list[Rows],
     frames: int,
     use_gpu: bool,
     plan: ActorPlan,
     out: Path,
 ) -> None:
-    """One Ray Data pass: the prepared ``splits`` (language, split) encoded over ``frames``, written under ``out``."""
+    """One Ray Data pass: the prepared ``rows`` encoded over ``frames``, written under ``out``."""
     prepared = prepared_dir(config).resolve()
+    splits = list(dict.fromkeys((r.language, r.split) for r in rows))
     with footers_in_read_tasks():
         dataset = ray.data.read_parquet(
             [str(split_dir(prepared, language, split)) for language, split in splits],
             partitioning=Partitioning("hive", base_dir=str(prepared)),
         )
+    if any(r.shorter > 0 or r.longest < WHISPER_FRAMES for r in rows):
+        dataset = dataset.map_batches(_in_pass(rows), batch_format="numpy", batch_size=None)
     # Small blocks, so every actor gets work (a prepared split is often one file, read as one block).
     dataset.repartition(target_num_rows_per_block=ENCODE_BATCH).map_batches(
         EncodeBatch,

@@ -50,7 +50,8 @@ def tune_languages(config: JobConfig) -> Manifest:
     ensure_prepared(config)
     gpu = use_gpu(config)
     data_root = training_data(config, base, config.data.languages, gpu, test_split=True)
-    zero_shot = {name: Scores.of(scores) for name, scores in zero_shot_scores(config, base, data_root, gpu).items()}
+    base_scores = zero_shot_scores(config, base, data_root, gpu, test_split=True)
+    zero_shot = {name: Scores.of(scores[config.data.eval_split]) for name, scores in base_scores.items()}
     train_storage = open_location(config.train.storage_path, config.storage)
     outcomes = outcomes_of(run_sweep(config, gpu, base), train_storage)
     for outcome in outcomes:
@@ -62,7 +63,7 @@ def tune_languages(config: JobConfig) -> Manifest:
     # Ray reports checkpoint paths inside its storage filesystem (absolute locally, bucket/key on S3)
     checkpoints = {language: train_storage.within(outcome.checkpoint) for language, outcome in winners.items()}
     adapters = {language: checkpoint.join(ADAPTER_DIR) for language, checkpoint in checkpoints.items()}
-    tested = held_out_scores(config, base, data_root, adapters, gpu)
+    tested = held_out_scores(config, base, data_root, adapters, base_scores, gpu)
     uploads = []
     for language, outcome in winners.items():
         log.info(

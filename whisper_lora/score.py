@@ -2,11 +2,12 @@
 every adapter must clear, and the test-split scores of each selected adapter beside its base model's. All load
 through ``models.inference`` and score through ``evaluate.score_split`` with ``eval.normalizer``.
 
-Zero-shot and test scores run as one Ray task per language (a GPU each where there are GPUs) and are kept in
-``<run_dir>/zero_shot_<split>.json`` and ``<run_dir>/test_scores_<split>.json``, reused while the base model, the
-adapter, the data, the normaliser and the training precision are unchanged. Every score is decoded in the
-precision the adapters train in on the scoring device (``train.precision.scoring_precision``), as the trials'
-dev evaluations are, and says so (``precision``, ``device``); an adapter and its base are scored in the same task.
+Zero-shot scores (eval and test split together: one model load) and the adapters' test scores run as one Ray
+task per language (a GPU each where there are GPUs) and are kept in ``<run_dir>/zero_shot.json`` and
+``<run_dir>/test_scores_<split>.json``, reused while the base model, the adapter, the data, the normaliser and the
+training precision are unchanged. Every score is decoded in the precision the adapters train in on the scoring
+device (``train.precision.scoring_precision``), as the trials' dev evaluations are, and says so (``precision``,
+``device``): the job's manifest checks that an adapter's test score and its base's agree on it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import ray
 import torch
-from transformers import PreTrainedModel, WhisperTokenizer
+from transformers import WhisperTokenizer
 
 from whisper_lora.config import ConfigError, JobConfig
 from whisper_lora.data.prepared import prepared_dir, split_dir, split_files
@@ -96,14 +97,16 @@ def score(
 
 @ray.remote
 def score_base(
-    base_path: str, directory: str, language: str, batch_size: int, limit: int | None, normalizer: str,
+    base_path: str, directories: dict[str, str], language: str, batch_size: int, limit: int | None, normalizer: str,
     requested: str,
-) -> dict:  # fmt: skip
-    """The base model on one split, in the precision a run training at ``requested`` trains in here."""
+) -> dict[str, dict]:  # fmt: skip
+    """The base model on each split of ``directories`` (split → directory), loaded once, in the precision a run
+    training at ``requested`` trains in here."""
     scoring = _scoring(requested, inference_device())
     model = load_for_inference(base_path, None, inference_device(), scoring["precision"])
     tokenizer = WhisperTokenizer.from_pretrained(base_path)
-    return {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer), **scoring}
+    return {split: {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer),
+                    **scoring} for split, directory in directories.items()}  # fmt: skip
 
 
 def _key(base: ResolvedModel, directory: Path, config: JobConfig) -> dict:
@@ -113,27 +116,49 @@ def _key(base: ResolvedModel, directory: Path, config: JobConfig) -> dict:
             "precision": config.train.precision}  # fmt: skip
 
 
-def zero_shot_scores(config: JobConfig, base: ResolvedModel, data_root: Path, gpu: bool) -> dict[str, dict]:
-    """Scores of the base model per language on the eval split (computed for whatever is not cached)."""
-    split = config.data.eval_split
-    cache_file = config.run_dir / f"zero_shot_{split}.json"
-    cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+def _cached(cache_file: Path) -> dict:
+    return json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+
+
+def _store(cache_file: Path, cached: dict) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(cached, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def zero_shot_scores(
+    config: JobConfig, base: ResolvedModel, data_root: Path, gpu: bool, test_split: bool = False
+) -> dict[str, dict[str, dict]]:
+    """Scores of the base model per language and split (``{language: {split: scores}}``): the eval split, and with
+    ``test_split`` the test split where ``data_root`` has it, decoded in the same task (one model load per
+    language). Kept in ``<run_dir>/zero_shot.json`` per language and split; whatever is not cached is computed."""
+    cache_file = config.run_dir / "zero_shot.json"
+    cached = _cached(cache_file)
+    splits = [config.data.eval_split]
+    if test_split and config.data.test_split not in splits:
+        splits.append(config.data.test_split)
     limit = config.eval.max_utterances
-    pending = {}
+    wanted, keys, pending = {}, {}, {}
     for language in config.data.languages:
-        directory = split_dir(data_root, language, split)
-        key = json.loads(json.dumps(_key(base, directory, config)))
-        if cached.get(language, {}).get("key") != key:
+        directories = {split: split_dir(data_root, language, split) for split in splits}
+        wanted[language] = [split for split, directory in directories.items()
+                            if split == config.data.eval_split or split_files(directory)]  # fmt: skip
+        missing = {}
+        for split in wanted[language]:
+            keys[language, split] = json.loads(json.dumps(_key(base, directories[split], config)))
+            if cached.get(f"{language}/{split}", {}).get("key") != keys[language, split]:
+                missing[split] = str(directories[split])
+        if missing:
             task = score_base.options(**task_options(config, gpu, cpus=1))
-            arguments = (str(directory), language, config.eval.batch_size, limit, config.eval.normalizer)
-            pending[language] = (key, task.remote(base.path, *arguments, config.train.precision))
-    for language, (key, reference) in pending.items():
-        cached[language] = {"key": key, "scores": ray.get(reference)}
-        _log(language, f"{split} (zero-shot)", cached[language]["scores"])
+            arguments = (language, config.eval.batch_size, limit, config.eval.normalizer, config.train.precision)
+            pending[language] = task.remote(base.path, missing, *arguments)
+    for language, reference in pending.items():
+        for split, scores in ray.get(reference).items():
+            cached[f"{language}/{split}"] = {"key": keys[language, split], "scores": scores}
+            _log(language, f"{split} (zero-shot)", scores)
     if pending:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cached, indent=2, ensure_ascii=False), encoding="utf-8")
-    return {language: cached[language]["scores"] for language in config.data.languages}
+        _store(cache_file, cached)
+    return {language: {split: cached[f"{language}/{split}"]["scores"] for split in wanted[language]}
+            for language in config.data.languages}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,64 +171,62 @@ class HeldOutScores:
 
 
 @ray.remote
-def score_with_and_without(
+def score_adapter(
     base_path: str, adapter: str, storage: dict, directory: str, language: str, batch_size: int, limit: int | None,
     normalizer: str, requested: str,
 ) -> dict:  # fmt: skip
-    """The base model, then base + the adapter at ``adapter`` (any location, copied here), on one split: one
-    device, one loader, the precision a run training at ``requested`` trains in here."""
+    """Base + the adapter at ``adapter`` (any location, copied here) on one split, in the precision a run training
+    at ``requested`` trains in here (as ``score_base`` scores the base model)."""
     device = inference_device()
     scoring = _scoring(requested, device)
     tokenizer = WhisperTokenizer.from_pretrained(base_path)
-
-    def scores(model: PreTrainedModel) -> dict:
-        return {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer),
-                **scoring}  # fmt: skip
-
-    zero_shot = scores(load_for_inference(base_path, None, device, scoring["precision"]))
     source = open_location(adapter, StorageOptions(**storage))
     with tempfile.TemporaryDirectory(prefix="adapter-") as local:
         for name in ADAPTER_FILES:
             source.join(name).copy_to(open_location(str(Path(local) / name)))
         model = load_for_inference(base_path, local, device, scoring["precision"])
-    return {"adapter": scores(model), "zero_shot": zero_shot, **scoring}
+    return {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer), **scoring}
 
 
 def held_out_scores(
-    config: JobConfig, base: ResolvedModel, data_root: Path, adapters: dict[str, Location], gpu: bool
+    config: JobConfig,
+    base: ResolvedModel,
+    data_root: Path,
+    adapters: dict[str, Location],
+    zero_shot: dict[str, dict[str, dict]],
+    gpu: bool,
 ) -> dict[str, HeldOutScores]:
-    """Each language's adapter (a peft directory at any location) and the base model on the test split under
-    ``data_root`` (prepared, or the frozen encoder's cached output); a language without test rows there is left out
-    (with a warning)."""
+    """Each language's adapter (a peft directory at any location) on the test split under ``data_root`` (prepared,
+    or the frozen encoder's cached output), beside its base model's score there from ``zero_shot``
+    (``zero_shot_scores(..., test_split=True)``); a language without test rows there is left out (with a warning).
+    Kept in ``<run_dir>/test_scores_<split>.json``, reused while adapter, data and scoring are unchanged."""
     split = config.data.test_split
     cache_file = config.run_dir / f"test_scores_{split}.json"
-    cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+    cached = _cached(cache_file)
     keys, pending = {}, {}
     for language, adapter in adapters.items():
         directory = split_dir(data_root, language, split)
-        if not split_files(directory):
+        if split not in zero_shot.get(language, {}):
             log.warning("%s: no %s split at %s: no test scores", language, split, directory)
             continue
         files = {name: record.sha256 for name, record in adapter_files(adapter).items()}
         keys[language] = json.loads(json.dumps({**_key(base, directory, config), "adapter": files}))
         if cached.get(language, {}).get("key") != keys[language]:
-            task = score_with_and_without.options(**task_options(config, gpu, cpus=1))
+            task = score_adapter.options(**task_options(config, gpu, cpus=1))
             arguments = (str(directory), language, config.eval.batch_size, config.eval.max_utterances)
             storage = config.storage.model_dump(mode="json")
             pending[language] = task.remote(base.path, adapter.uri, storage, *arguments, config.eval.normalizer,
                                             config.train.precision)  # fmt: skip
     for language, reference in pending.items():
         cached[language] = {"key": keys[language], "scores": ray.get(reference)}
-        _log(language, f"{split} (adapter)", cached[language]["scores"]["adapter"])
-        _log(language, f"{split} (zero-shot)", cached[language]["scores"]["zero_shot"])
+        _log(language, f"{split} (adapter)", cached[language]["scores"])
     if pending:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cached, indent=2, ensure_ascii=False), encoding="utf-8")
-    return {language: _test_scores(split, cached[language]["scores"]) for language in keys}
+        _store(cache_file, cached)
+    return {language: _test_scores(split, cached[language]["scores"], zero_shot[language][split])
+            for language in keys}  # fmt: skip
 
 
-def _test_scores(split: str, result: dict) -> HeldOutScores:
-    adapter = result["adapter"]
-    scoring = Scoring(split=split, utterances=int(adapter["utterances"]), precision=result["precision"],
-                      device=result["device"])  # fmt: skip
-    return HeldOutScores(Scores.of(adapter), Scores.of(result["zero_shot"]), scoring)
+def _test_scores(split: str, adapter: dict, zero_shot: dict) -> HeldOutScores:
+    scoring = Scoring(split=split, utterances=int(adapter["utterances"]), precision=adapter["precision"],
+                      device=adapter["device"])  # fmt: skip
+    return HeldOutScores(Scores.of(adapter), Scores.of(zero_shot), scoring)

@@ -58,7 +58,7 @@ def compare_cost(config: JobConfig) -> dict:
     ensure_prepared(config)
     gpu = use_gpu(config)
     data_root = training_data(config, base, [language], gpu)
-    before = zero_shot_scores(single, base, data_root, gpu)[language]
+    before = zero_shot_scores(single, base, data_root, gpu)[language][config.data.eval_split]
     measured: dict[str, Measurement] = {mode: measure(config, mode, language) for mode in ("full", "lora")}
     full, lora = measured["full"], measured["lora"]
     tokens = mean_label_tokens(split_dir(data_root, language, config.data.train_split))

@@ -8,6 +8,12 @@ groups are cut into chunks of ``CHUNK_ROWS`` rows, the chunks are permuted, rows
 taking the ``r``-th slice of each. Every worker trains on as many rows, each row at most once per epoch, and a
 resumed worker recomputes the same order and skips the micro-batches it already trained on without reading them.
 
+A length-bucketed split (``data.prepared.file_bucket``: the frozen-encoder cache's train split under
+``train.audio_context=clip``) holds rows whose encoder output has different lengths, one length per file. Its order
+is regrouped so that every global micro-batch holds rows of one bucket (``bucketed``): a group is dealt when the
+shuffled order brings its last row, and each bucket's remainder short of a global micro-batch sits the epoch out
+(different rows each epoch). ``global_batches`` counts what an epoch then deals.
+
 Chunks and windows keep reads local: a window touches a bounded set of row groups, which the reader keeps in a
 cache while they fit (``cache_bytes``; a small low-resource split stays whole in memory after the first epoch).
 The cache is never larger than the worker's share of its node's memory (``node_cache_bytes``): trials side by side
@@ -29,7 +35,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from whisper_lora.data.prepared import FEATURE_COLUMNS, rows_of
+from whisper_lora.data.prepared import FEATURE_COLUMNS, file_bucket, rows_of
 from whisper_lora.storage import Location
 
 CHUNK_ROWS = 16
@@ -61,6 +67,8 @@ class RowGroup:
     rows: int
     bytes: int
     """Uncompressed size: what it takes in the reader's cache."""
+    bucket: int = 0
+    """Length bucket of its file (encoder frames; 0: the split is not bucketed)."""
 
 
 def layout(split: Location) -> list[RowGroup]:
@@ -71,10 +79,18 @@ def layout(split: Location) -> list[RowGroup]:
             metadata = pq.ParquetFile(handle).metadata
         for index in range(metadata.num_row_groups):
             group = metadata.row_group(index)
-            groups.append(RowGroup(file, index, group.num_rows, group.total_byte_size))
+            groups.append(RowGroup(file, index, group.num_rows, group.total_byte_size, file_bucket(file.name)))
     if not groups:
         raise FileNotFoundError(f"no Parquet rows in {split.uri}: run `whisper-lora prepare` first")
     return groups
+
+
+def bucket_rows(groups: Sequence[RowGroup]) -> list[int]:
+    """Rows per length bucket of a split's ``layout``, shortest bucket first."""
+    counts: dict[int, int] = {}
+    for group in groups:
+        counts[group.bucket] = counts.get(group.bucket, 0) + group.rows
+    return [counts[bucket] for bucket in sorted(counts)]
 
 
 def epoch_order(group_rows: Sequence[int], seed: int, epoch: int, window: int) -> np.ndarray:
@@ -91,6 +107,26 @@ def epoch_order(group_rows: Sequence[int], seed: int, epoch: int, window: int) -
     for begin in range(0, len(order), window):
         order[begin : begin + window] = rng.permutation(order[begin : begin + window])
     return order
+
+
+def bucketed(order: np.ndarray, buckets: np.ndarray, together: int) -> np.ndarray:
+    """``order`` regrouped so that each run of ``together`` rows shares a bucket (``buckets[row]``): every bucket's
+    rows in their order, cut into groups, each group placed where the order reaches its last row; a bucket's
+    remainder short of a group is left out. With one bucket this is ``order`` without its incomplete tail."""
+    pending: dict[int, list[int]] = {}
+    groups = []
+    for row in order.tolist():
+        group = pending.setdefault(int(buckets[row]), [])
+        group.append(row)
+        if len(group) == together:
+            groups.append(group[:])
+            group.clear()
+    return np.asarray([row for group in groups for row in group], dtype=np.int64)
+
+
+def global_batches(bucket_rows: Sequence[int], together: int) -> int:
+    """Global micro-batches of ``together`` rows an epoch deals from buckets of ``bucket_rows`` rows each."""
+    return sum(rows // together for rows in bucket_rows)
 
 
 def worker_batches(order: np.ndarray, rank: int, world: int, batch_size: int, micro_batches: int) -> np.ndarray:
@@ -128,8 +164,19 @@ class EpochReader:
     def rows(self) -> int:
         return int(self._starts[-1])
 
-    def order(self, seed: int, epoch: int, window: int) -> np.ndarray:
-        return epoch_order([g.rows for g in self.groups], seed, epoch, window)
+    @property
+    def bucket_rows(self) -> list[int]:
+        """Rows per length bucket (one count for an unbucketed split)."""
+        return bucket_rows(self.groups)
+
+    def order(self, seed: int, epoch: int, window: int, together: int = 1) -> np.ndarray:
+        """``epoch_order``; in a bucketed split, regrouped so that each run of ``together`` rows (one global
+        micro-batch) shares a bucket (``bucketed``)."""
+        order = epoch_order([g.rows for g in self.groups], seed, epoch, window)
+        if len({group.bucket for group in self.groups}) == 1:
+            return order
+        buckets = np.repeat([group.bucket for group in self.groups], [group.rows for group in self.groups])
+        return bucketed(order, buckets, together)
 
     def batches(self, indices: np.ndarray, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """The micro-batches ``indices`` (from ``worker_batches``), the first ``skip`` left out unread; the next one

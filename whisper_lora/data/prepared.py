@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,21 @@ FEATURE_COLUMNS = ("input_features", "encoder_hidden_states")
 PARQUET_WRITE_ARGS = {"use_dictionary": False, "min_rows_per_file": 256}
 """How prepared and encoded splits are written. Dictionary encoding of the float tensors makes reading 5x slower
 for no gain (the values do not repeat); few larger files keep each trial's read of a split to a few tasks."""
+
+
+BUCKET_FILE = re.compile(r"^frames(\d+)-")
+"""Files of a length-bucketed split (the frozen-encoder cache's train split under ``train.audio_context=clip``) are
+named ``frames<N>-…parquet``: every row in one holds encoder output over ``N`` log-mel frames."""
+
+
+def bucket_file_name(frames: int, name: str) -> str:
+    return f"frames{frames}-{name}"
+
+
+def file_bucket(name: str) -> int:
+    """Frames of the length bucket a split file holds (``bucket_file_name``); 0 for a file of an unbucketed split."""
+    match = BUCKET_FILE.match(name)
+    return int(match.group(1)) if match else 0
 
 
 def prepared_dir(config: JobConfig) -> Path:

@@ -22,7 +22,7 @@ inside the window, followed by the silence after which Whisper has always predic
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -61,6 +61,37 @@ def context_frames(durations_s: Iterable[float], context: AudioContext) -> int:
     if context == "clip":
         return frames_for(durations_s)
     raise ValueError(f"unknown audio context {context!r}: expected 'full' or 'clip'")
+
+
+BUCKET_MIN_ROWS = 32
+"""Fewest rows a length bucket of the frozen-encoder cache holds (``length_buckets``): few enough buckets that the
+rows an epoch leaves out (each bucket's remainder of a global batch) stay a few percent of a split."""
+
+
+def length_buckets(durations_s: Sequence[float], min_rows: int = BUCKET_MIN_ROWS) -> list[int]:
+    """Frame counts to encode clips of ``durations_s`` over, ascending: each clip's own ``frames_for`` (whole
+    seconds), neighbouring lengths merged from the shortest up until a bucket holds ``min_rows`` clips; the
+    longest clips left over make a bucket of their own if they are at least ``min_rows / 2``, else join the one
+    before. A clip goes to the first bucket at least as long as it needs (``bucket_of``)."""
+    needed = sorted(frames_for([duration]) for duration in durations_s)
+    if not needed:
+        raise ValueError("length_buckets needs at least one clip")
+    buckets, held = [], 0
+    for index, frames in enumerate(needed):
+        held += 1
+        last_of_length = index + 1 == len(needed) or needed[index + 1] != frames
+        if last_of_length and held >= min_rows:
+            buckets.append(frames)
+            held = 0
+    if held:  # the longest clips: a bucket of their own, or with the last one when they are too few for one
+        buckets[-1 if held < min_rows // 2 and buckets else len(buckets) :] = [needed[-1]]
+    return buckets
+
+
+def bucket_of(duration_s: float, buckets: Sequence[int]) -> int:
+    """Frames of the shortest bucket that holds a clip of ``duration_s`` (the longest bucket for a longer clip)."""
+    needed = frames_for([duration_s])
+    return next((frames for frames in buckets if frames >= needed), buckets[-1])
 
 
 def encode_frames(encoder: WhisperEncoder, input_features: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def epoch_groups(
     with the seconds the loop waited for them. The first ``skip`` micro-batches (trained on before a restart) are
     left out unread."""
     train = plan.train
-    order = reader.order(train.seed, epoch, train.shuffle_window)
+    order = reader.order(train.seed, epoch, train.shuffle_window, together=world * train.batch_size)
     indices = worker_batches(order, rank, world, train.batch_size, plan.micro_batches_per_epoch)
     group: list[Rows] = []
     waited = 0.0

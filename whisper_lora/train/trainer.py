@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +12,14 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from whisper_lora.config import JobConfig
+from whisper_lora.data.epochs import bucket_rows, global_batches, layout
 from whisper_lora.data.prepared import prepared_dir, split_dir, split_files
 from whisper_lora.encode import encode
 from whisper_lora.metrics import PRIMARY
 from whisper_lora.models.resolve import ResolvedModel, resolve_model
 from whisper_lora.ray_runtime import ray_storage
 from whisper_lora.resources import use_gpu, worker_resources
+from whisper_lora.storage import open_location
 from whisper_lora.train.checkpoint import ADAPTER_DIR, checkpoint_order
 from whisper_lora.train.entry import train_loop_per_worker
 from whisper_lora.train.plan import WorkerPlan
@@ -56,11 +59,13 @@ def train_rows(config: JobConfig, language: str) -> int:
 
 
 def worker_plan(
-    config: JobConfig, base_path: str, language: str, rows: int, train_dir: str, eval_dir: str
+    config: JobConfig, base_path: str, language: str, rows: int | Sequence[int], train_dir: str, eval_dir: str
 ) -> WorkerPlan:
-    """The plan every worker follows; fails early when the data cannot fill one optimizer step per worker."""
+    """The plan every worker follows; fails early when the data cannot fill one optimizer step per worker.
+    ``rows``: the train split's rows, or its rows per length bucket (``EpochReader.bucket_rows``)."""
     train = config.train
-    micro_batches = (rows // train.num_workers) // train.batch_size
+    micro_batches = global_batches([rows] if isinstance(rows, int) else rows, train.num_workers * train.batch_size)
+    rows = rows if isinstance(rows, int) else sum(rows)
     if micro_batches < train.grad_accum:
         raise ValueError(
             f"{language}: {rows} training rows cannot give each of {train.num_workers} workers "
@@ -116,7 +121,10 @@ def build_trainer(
     data = training_data(config, base, [language], gpu)
     train_dir = str(split_dir(data, language, config.data.train_split))
     eval_dir = str(split_dir(data, language, config.data.eval_split))
-    plan = worker_plan(config, base.path, language, train_rows(config, language), train_dir, eval_dir)
+    # the encoder cache's train split may be bucketed by length (encode.split_buckets): its rows are counted there
+    encoded = config.train.freeze_encoder
+    rows = bucket_rows(layout(open_location(train_dir, config.storage))) if encoded else train_rows(config, language)
+    plan = worker_plan(config, base.path, language, rows, train_dir, eval_dir)
     cuda, resources = worker_resources(config, gpu)
     return TorchTrainer(
         train_loop_per_worker,
