@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 DEMO_DIR := artifacts/demo-corpus
+# The languages demo.yaml trains; `whisper-lora demo-corpus --languages te,kn,ml --out DIR` speaks the others.
+DEMO_LANGUAGES ?= mr,hi,ta
 export RAY_DATA_DISABLE_PROGRESS_BARS ?= 0
 
 .PHONY: install espeak demo test gpu-check cluster-dry-run gpu-lock clean
@@ -24,7 +26,7 @@ espeak:
 	  else sudo -n apt-get install -y -q espeak-ng >/dev/null; fi; } || { echo "install espeak-ng (Debian: apt-get install espeak-ng)"; exit 1; }
 
 $(DEMO_DIR)/README.md: | install espeak
-	$(PY) -m whisper_lora.cli demo-corpus --out $(DEMO_DIR) --languages mr,hi,ta,te,kn,ml
+	$(PY) -m whisper_lora.cli demo-corpus --out $(DEMO_DIR) --languages $(DEMO_LANGUAGES)
 
 demo: install espeak $(DEMO_DIR)/README.md
 	$(PY) ray_jobs/tune_languages.py --config ray_jobs/configs/demo.yaml

@@ -2,8 +2,8 @@
 every adapter must clear, and the test-split scores of each selected adapter beside its base model's. All load
 through ``models.inference`` and score through ``evaluate.score_split`` with ``eval.normalizer``.
 
-Zero-shot scores (eval and test split together: one model load) and the adapters' test scores run as one Ray
-task per language (a GPU each where there are GPUs) and are kept in ``<run_dir>/zero_shot.json`` and
+Zero-shot scores (eval and test split, scored before the sweep) and the adapters' test scores run as one Ray
+task per language and split (a GPU each where there are GPUs) and are kept in ``<run_dir>/zero_shot.json`` and
 ``<run_dir>/test_scores_<split>.json``, reused while the base model, the adapter, the data, the normaliser and the
 training precision are unchanged. Every score is decoded in the precision the adapters train in on the scoring
 device (``train.precision.scoring_precision``), as the trials' dev evaluations are, and says so (``precision``,
@@ -97,16 +97,14 @@ def score(
 
 @ray.remote
 def score_base(
-    base_path: str, directories: dict[str, str], language: str, batch_size: int, limit: int | None, normalizer: str,
+    base_path: str, directory: str, language: str, batch_size: int, limit: int | None, normalizer: str,
     requested: str,
-) -> dict[str, dict]:  # fmt: skip
-    """The base model on each split of ``directories`` (split → directory), loaded once, in the precision a run
-    training at ``requested`` trains in here."""
+) -> dict:  # fmt: skip
+    """The base model on one split, in the precision a run training at ``requested`` trains in here."""
     scoring = _scoring(requested, inference_device())
     model = load_for_inference(base_path, None, inference_device(), scoring["precision"])
     tokenizer = WhisperTokenizer.from_pretrained(base_path)
-    return {split: {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer),
-                    **scoring} for split, directory in directories.items()}  # fmt: skip
+    return {**score_split(model, tokenizer, directory, language, batch_size, limit, normalizer=normalizer), **scoring}
 
 
 def _key(base: ResolvedModel, directory: Path, config: JobConfig) -> dict:
@@ -129,8 +127,9 @@ def zero_shot_scores(
     config: JobConfig, base: ResolvedModel, data_root: Path, gpu: bool, test_split: bool = False
 ) -> dict[str, dict[str, dict]]:
     """Scores of the base model per language and split (``{language: {split: scores}}``): the eval split, and with
-    ``test_split`` the test split where ``data_root`` has it, decoded in the same task (one model load per
-    language). Kept in ``<run_dir>/zero_shot.json`` per language and split; whatever is not cached is computed."""
+    ``test_split`` the test split where ``data_root`` has it, one task per split (a whisper-base load is ~2 s, a
+    zero-shot split's decoding ~50 s on a CPU core: six tasks pack two cores better than three). Kept in
+    ``<run_dir>/zero_shot.json`` per language and split; whatever is not cached is computed."""
     cache_file = config.run_dir / "zero_shot.json"
     cached = _cached(cache_file)
     splits = [config.data.eval_split]
@@ -142,19 +141,16 @@ def zero_shot_scores(
         directories = {split: split_dir(data_root, language, split) for split in splits}
         wanted[language] = [split for split, directory in directories.items()
                             if split == config.data.eval_split or split_files(directory)]  # fmt: skip
-        missing = {}
         for split in wanted[language]:
             keys[language, split] = json.loads(json.dumps(_key(base, directories[split], config)))
             if cached.get(f"{language}/{split}", {}).get("key") != keys[language, split]:
-                missing[split] = str(directories[split])
-        if missing:
-            task = score_base.options(**task_options(config, gpu, cpus=1))
-            arguments = (language, config.eval.batch_size, limit, config.eval.normalizer, config.train.precision)
-            pending[language] = task.remote(base.path, missing, *arguments)
-    for language, reference in pending.items():
-        for split, scores in ray.get(reference).items():
-            cached[f"{language}/{split}"] = {"key": keys[language, split], "scores": scores}
-            _log(language, f"{split} (zero-shot)", scores)
+                task = score_base.options(**task_options(config, gpu, cpus=1))
+                arguments = (language, config.eval.batch_size, limit, config.eval.normalizer, config.train.precision)
+                pending[language, split] = task.remote(base.path, str(directories[split]), *arguments)
+    for (language, split), reference in pending.items():
+        scores = ray.get(reference)
+        cached[f"{language}/{split}"] = {"key": keys[language, split], "scores": scores}
+        _log(language, f"{split} (zero-shot)", scores)
     if pending:
         _store(cache_file, cached)
     return {language: {split: cached[f"{language}/{split}"]["scores"] for split in wanted[language]}

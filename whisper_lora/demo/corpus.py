@@ -24,8 +24,11 @@ from whisper_lora.demo.sentences import CATALOG_PACKAGES, LICENSES, Sentence, ca
 from whisper_lora.languages import get_language
 
 CLIP_RATE = 48_000
-DEFAULT_PER_SPLIT = "train=120,dev=20,test=20"
-"""Clips per split and language: over 100 training sentences, where the catalogs have them (fewer scale down)."""
+DEFAULT_PER_SPLIT = "train=400,dev=20,test=20"
+"""Clips per split and language, where the catalogs have them (``allocate``): on the demo's whisper-base a Hindi
+adapter at 160 steps scored dev WER 0.69 trained on 120 sentences (loss 0.03: memorised) and 0.58 on 400."""
+HELD_OUT_SHARE = 8
+"""A held-out split takes at most 1/8 of a language's sentences."""
 VOICE_VARIANTS = {
     "train": ("m1", "m2", "m3", "m6", "f1", "f2", "f3", "adam", "linda", "john"),
     "dev": ("m4", "f4", "steph", "robert"),
@@ -53,15 +56,19 @@ def parse_per_split(spec: str) -> dict[str, int]:
 
 
 def allocate(sentences: list[Sentence], wanted: dict[str, int], rng: random.Random) -> dict[str, list[Sentence]]:
-    """Disjoint sentence lists per split; scaled down proportionally when the language has too few."""
+    """Disjoint sentence lists per split: the held-out splits (every split but ``train``) first, each at most
+    ``HELD_OUT_SHARE`` of the sentences, then ``train`` from the rest, up to its count. A language with few sentences
+    keeps dev and test large enough to score and trains on what is left."""
     pool = sentences[:]
     rng.shuffle(pool)
-    scale = min(1.0, len(pool) / max(1, sum(wanted.values())))
+    cap = max(1, len(pool) // HELD_OUT_SHARE)
+    takes = {split: min(count, cap) for split, count in wanted.items() if split != "train"}
+    if "train" in wanted:
+        takes["train"] = max(1, min(wanted["train"], len(pool) - sum(takes.values())))
     allocated, start = {}, 0
-    for split, count in wanted.items():
-        take = max(1, int(count * scale))
-        allocated[split] = pool[start : start + take]
-        start += take
+    for split in wanted:
+        allocated[split] = pool[start : start + takes[split]]
+        start += takes[split]
     return allocated
 
 
