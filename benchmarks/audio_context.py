@@ -105,7 +105,7 @@ def train(config: JobConfig, base_path: str, language: str, train_dir: Path, dev
     """``steps`` optimizer steps of the product's ``train_step`` over the epochs of ``train_dir``; the worker and the
     compute seconds of every step."""
     reader = EpochReader(open_location(str(train_dir)), config.train.data_cache_mib * 2**20)
-    plan = worker_plan(config, base_path, language, reader.rows, str(train_dir), str(dev_dir))
+    plan = worker_plan(config, base_path, language, reader.bucket_rows, str(train_dir), str(dev_dir))
     worker = build_worker(plan, torch.device("cpu"))
     results, epoch = [], 0
     while len(results) < steps:

@@ -397,7 +397,7 @@ def run_project(setup: dict) -> dict:
     encode_s = race.clock.seconds()
     train_dir, dev_dir = (str(split_dir(root, language, split)) for split in (train_split, eval_split))
     reader = EpochReader(open_location(train_dir), config.train.data_cache_mib * 2**20)
-    plan = worker_plan(config, base.path, language, reader.rows, train_dir, dev_dir)
+    plan = worker_plan(config, base.path, language, reader.bucket_rows, train_dir, dev_dir)
     worker = build_worker(plan, where)
     torch.set_num_threads(setup["threads"])
     worker.scheduler = budget_schedule(worker.optimizer, config.train.warmup_steps, race)
